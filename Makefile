@@ -1,0 +1,38 @@
+# Two commands matter: `make demo` and `make test`. Each creates .venv on a fresh machine first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A machine with GPUs installs its CUDA torch into .venv first (see README); otherwise the CPU build is used.
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(BIN)/pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast bench clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@# pip 23's resolver backtracks into a false conflict on this dependency set; 25+ resolves it.
+	@$(PIP) install -q 'pip>=25,<26.2'
+	@# torch first and pinned: any looser request would make pip fetch a multi-GB CUDA build.
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	@# DeepSpeed ships as an sdist whose setup imports torch: build it against the torch above,
+	@# never in an isolated build env (which would download another torch).
+	@$(BIN)/python -c "import deepspeed" 2>/dev/null || $(PIP) install -q --no-build-isolation "deepspeed>=0.16"
+	$(PIP) install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m mqscale.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/train_step.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,48 @@
+"""Shared plumbing for the thin entry points: argument parsing and the one-line user errors."""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Callable
+
+from mqscale.config import Config, ConfigError, load_config
+
+
+class UserError(Exception):
+    """Bad input from the user (a path, a file, a flag): shown as one line, exit status 2."""
+
+
+def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Run an entry point; user errors print one line on stderr and exit 2, with no traceback."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return int(main(*args, **kwargs) or 0)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        return 2
+    return wrapper
+
+
+def add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--config", default=default, help="YAML config (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted overrides, e.g. model.n_embd=512 optim.lr=3e-4")
+
+
+def config_from_args(ns: argparse.Namespace) -> Config:
+    return load_config(ns.config, ns.overrides)
+
+
+def not_built(stage: str, issue: int) -> Callable[[list[str] | None], int]:
+    """Entry point for a stage that a later issue builds: one honest line, non-zero exit."""
+    def main(argv: list[str] | None = None) -> int:
+        print(f"{stage}: not built yet (planned in issue #{issue}); nothing was run", file=sys.stderr)
+        return 3
+    return main
