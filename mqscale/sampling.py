@@ -113,7 +113,7 @@ def _masks(model: Stackformer, allowed_pos: torch.Tensor):
     return (None, allowed_pos) if model.code_first else (allowed_pos, None)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample(model: Stackformer, cond: torch.Tensor | None = None, *, batch: int | None = None,
            seq_len: int | None = None, code: SamplingParams = SamplingParams(),
            pos: SamplingParams = SamplingParams(), raster: bool = True,
@@ -146,7 +146,7 @@ def sample(model: Stackformer, cond: torch.Tensor | None = None, *, batch: int |
         model.train(was_training)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample_recompute(model: Stackformer, cond: torch.Tensor | None = None, *,
                      batch: int | None = None, seq_len: int | None = None,
                      code: SamplingParams = SamplingParams(), pos: SamplingParams = SamplingParams(),

@@ -1,0 +1,1 @@
+"""Dataset tools: python -m data_tools.<tool> (issue #3)."""

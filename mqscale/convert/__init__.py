@@ -1,0 +1,1 @@
+"""Checkpoint conversion: official checkpoints in, safetensors exports out."""

@@ -1,0 +1,10 @@
+"""python -m mqscale.evaluate — FID/IS and tokenizer metrics.
+
+Not built yet: issue #7 builds it. Until then it says so in one line and exits non-zero.
+"""
+from mqscale.cli import not_built
+
+main = not_built("mqscale.evaluate", 7)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

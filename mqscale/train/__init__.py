@@ -1,0 +1,1 @@
+"""Distributed Stackformer training (issue #6)."""

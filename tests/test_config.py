@@ -1,0 +1,129 @@
+"""Config system: typed YAML, strict one-line errors, dotted overrides, named configs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mqscale.config import ConfigError, from_dict, load_config, to_dict
+from mqscale.models import param_count
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+BAD = [  # (yaml, overrides, expected fragments of the one-line message)
+    ("model:\n  n_embdd: 64\n", [], ["model.n_embdd", "unknown key", "did you mean n_embd"]),
+    ("modle:\n  n_embd: 64\n", [], ["modle", "unknown key", "did you mean model"]),
+    ("model:\n  n_head: four\n", [], ["model.n_head", "must be an integer", "four"]),
+    ("model:\n  abs_pos: 1\n", [], ["model.abs_pos", "true or false"]),
+    ("optim:\n  lr: -0.1\n", [], ["optim.lr", "out of range", "> 0.0"]),
+    ("model:\n  dropout: 1.5\n", [], ["model.dropout", "out of range"]),
+    ("model:\n  n_embd: 100\n  n_head: 16\n", [], ["model.n_head", "does not divide", "n_embd=100"]),
+    ("model:\n  seq_len: 80\n  block_size: 64\n", [], ["model.seq_len", "over model.block_size=64"]),
+    ("model:\n  grid: 4\n  seq_len: 20\n", [], ["model.seq_len", "4x4=16"]),
+    ("model:\n  cond: image\n", [], ["model.cond", "not one of", "class"]),
+    ("deepspeed:\n  zero_stage: 2\n  offload_param: cpu\n", [], ["deepspeed.offload_param", "zero_stage=3"]),
+    ("optim:\n  betas: [0.9]\n", [], ["optim.betas", "list of 2"]),
+    ("model: [1, 2]\n", [], ["model", "must be a mapping"]),
+    ("model:\n  n_embd: 64\n", ["model.n_head=3"], ["command line", "model.n_head", "does not divide"]),
+    ("", ["optim.lrr=1e-3"], ["command line", "optim.lrr", "unknown key"]),
+]
+
+
+@pytest.mark.parametrize("text,overrides,fragments", BAD)
+def test_bad_config_gives_one_line_naming_key_and_source(tmp_path, text, overrides, fragments):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for frag in fragments:
+        assert frag in msg, msg
+    if "command line" not in fragments:
+        assert str(path) in msg, msg
+
+
+def test_error_names_the_file_that_set_the_key(tmp_path):
+    write(tmp_path, "model:\n  n_head: 7\n", "base.yaml")
+    child = write(tmp_path, "base: base.yaml\nname: child\n", "child.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(child)
+    assert "base.yaml: model.n_head" in str(e.value)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"invalid YAML at line \d"):
+        load_config(write(tmp_path, "model:\n  n_embd: [1,\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_base_cycle_is_reported(tmp_path):
+    write(tmp_path, "base: b.yaml\n", "a.yaml")
+    write(tmp_path, "base: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_overrides_are_typed_and_applied(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  n_embd: 64\n"),
+                      ["model.n_embd=512", "model.n_head=8", "optim.lr=3e-4", "model.abs_pos=false",
+                       "optim.betas=[0.8,0.9]", "data.storage_options={endpoint_url: http://x}"])
+    assert cfg.model.n_embd == 512 and cfg.model.n_head == 8
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.model.abs_pos is False
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.data.storage_options == {"endpoint_url": "http://x"}
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    cfg = load_config(write(tmp_path, "optim:\n  lr: 3e-4\n"))
+    assert cfg.optim.lr == pytest.approx(3e-4)
+
+
+def test_round_trip_through_dict_is_identity():
+    cfg = load_config("configs/stackformer/607m.yaml", ["train.max_steps=7"])
+    again = from_dict(to_dict(cfg), "roundtrip")
+    assert again == cfg
+    assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("name", ["debug", "307m", "607m", "1.4b", "3b", "7b"])
+def test_named_configs_load(name):
+    cfg = load_config(f"configs/stackformer/{name}.yaml")
+    assert cfg.model.n_embd % cfg.model.n_head == 0
+    assert param_count(cfg.model) > 0
+
+
+def test_paper_configs_follow_table_2():
+    small = load_config("configs/stackformer/307m.yaml").model
+    large = load_config("configs/stackformer/607m.yaml").model
+    assert (small.n_code_layer, small.n_pos_layer, small.n_embd, small.n_head, small.dropout) == (18, 6, 1024, 16, 0.1)
+    assert (large.n_code_layer, large.n_pos_layer, large.n_embd, large.n_head, large.dropout) == (36, 12, 1024, 16, 0.1)
+    for m in (small, large):
+        assert (m.cond, m.n_classes, m.codebook_size, m.grid, m.seq_len) == ("class", 1000, 1024, 32, 256)
+
+
+def test_cli_prints_one_line_and_exits_2_without_traceback(tmp_path):
+    code = ("import sys; from mqscale.cli import guarded, add_config_args, config_from_args\n"
+            "import argparse\n"
+            "@guarded\n"
+            "def main():\n"
+            "    p = argparse.ArgumentParser(); add_config_args(p); config_from_args(p.parse_args())\n"
+            "sys.exit(main())\n")
+    path = write(tmp_path, "model:\n  n_head: 5\n")
+    r = subprocess.run([sys.executable, "-c", code, "--config", str(path)], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("config error: ") and "model.n_head" in lines[0] and str(path) in lines[0]
+    assert "Traceback" not in r.stderr

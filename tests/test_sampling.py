@@ -1,0 +1,140 @@
+"""Algorithm 1 sampler: cached == recompute, seeding, position rules, filtering."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mqscale.models import Stackformer
+from mqscale.sampling import (SamplingParams, allowed_positions, draw, filter_logits, inverse_cdf,
+                              sample, sample_recompute)
+from tests.conftest import model_cfg, raster_batch
+
+GREEDY = SamplingParams(temperature=0)
+VARIANTS = [("code_first", "class"), ("pos_first", "class"), ("code_first", "text"),
+            ("code_first", "none")]
+
+
+def tiny(order="code_first", cond="class", *extra):
+    cfg = model_cfg(f"model.order={order}", f"model.cond={cond}", "model.text_len=4",
+                    "model.text_vocab_size=30", "model.grid=8", "model.seq_len=16",
+                    "model.codebook_size=48", "model.n_embd=32", "model.n_head=2", *extra)
+    return Stackformer(cfg).eval()
+
+
+def conds(m, batch=3):
+    return raster_batch(m.cfg, batch, seed=1)[2]
+
+
+def gen(seed=7):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("order,cond", VARIANTS)
+def test_cached_greedy_equals_full_prefix_recompute(order, cond):
+    m = tiny(order, cond)
+    c = conds(m)
+    kw = dict(batch=3, code=GREEDY, pos=GREEDY)
+    a = sample(m, c, **kw)
+    b = sample_recompute(m, c, **kw)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("order,cond", VARIANTS)
+@pytest.mark.parametrize("raster", [True, False])
+def test_same_seed_same_samples_cached_or_not(order, cond, raster):
+    m = tiny(order, cond)
+    c = conds(m)
+    p = SamplingParams(temperature=1.3, top_k=20, top_p=0.95)
+    a = sample(m, c, batch=3, code=p, pos=p, raster=raster, generator=gen())
+    b = sample(m, c, batch=3, code=p, pos=p, raster=raster, generator=gen())
+    r = sample_recompute(m, c, batch=3, code=p, pos=p, raster=raster, generator=gen())
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[0], r[0]) and torch.equal(a[1], r[1])
+    other = sample(m, c, batch=3, code=p, pos=p, raster=raster, generator=gen(8))
+    assert not torch.equal(a[0], other[0])
+
+
+def test_cached_logits_match_the_training_forward():
+    """Teacher-force the sampled sequence: the full forward must give the same argmax choices."""
+    m = tiny()
+    c = conds(m)
+    codes, pos = sample(m, c, code=GREEDY, pos=GREEDY, raster=False)
+    out = m(codes, pos, cond=c, compute_loss=False)
+    assert torch.equal(out.code_logits.argmax(-1), codes)
+    # positions: greedy over the not-yet-used ones
+    logits = out.pos_logits.clone()
+    for t in range(1, codes.shape[1]):
+        logits[:, t].scatter_(1, pos[:, :t], float("-inf"))
+    assert torch.equal(logits.argmax(-1), pos)
+
+
+@pytest.mark.parametrize("order", ["code_first", "pos_first"])
+def test_positions_never_repeat_and_raster_holds(order):
+    m = tiny(order, "class", "model.seq_len=40")  # 40 of 64 cells: the room constraint matters
+    c = conds(m, 8)
+    hot = SamplingParams(temperature=2.0)
+    codes, pos = sample(m, c, code=hot, pos=hot, generator=gen())
+    assert (pos.diff(dim=1) > 0).all()
+    assert ((0 <= pos) & (pos < 64)).all() and ((0 <= codes) & (codes < 48)).all()
+    codes, pos = sample(m, c, code=hot, pos=hot, raster=False, generator=gen())
+    for row in pos:
+        assert len(set(row.tolist())) == row.numel()
+    assert not (pos.diff(dim=1) > 0).all()  # free order really is free
+
+
+def test_full_grid_with_raster_is_exactly_every_position():
+    m = tiny("code_first", "class", "model.seq_len=64")
+    _, pos = sample(m, conds(m, 2), generator=gen())
+    assert torch.equal(pos, torch.arange(64).expand(2, 64))
+
+
+def test_allowed_positions_leaves_room():
+    used = torch.zeros(1, 10, dtype=torch.bool)
+    used[0, 2] = True
+    prev = torch.tensor([2])
+    a = allowed_positions(used, prev, t=1, L=4, raster=True)  # 3 more tokens after this one
+    assert a[0].nonzero().flatten().tolist() == [3, 4, 5, 6, 7]
+    b = allowed_positions(used, prev, t=1, L=4, raster=False)
+    assert b[0].nonzero().flatten().tolist() == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    k2 = filter_logits(logits, SamplingParams(top_k=2))
+    assert torch.isinf(k2[0, 2:]).all() and torch.isfinite(k2[0, :2]).all()
+    p = filter_logits(logits, SamplingParams(top_p=0.7))  # 0.5 + 0.25 reaches 0.7
+    assert torch.isfinite(p[0, :2]).all() and torch.isinf(p[0, 2:]).all()
+    tiny_p = filter_logits(logits, SamplingParams(top_p=0.01))
+    assert torch.isfinite(tiny_p[0, 0]) and torch.isinf(tiny_p[0, 1:]).all()
+    t = filter_logits(logits, SamplingParams(temperature=0.5))
+    assert torch.allclose(t, logits / 0.5)
+
+
+def test_draw_respects_mask_and_greedy():
+    logits = torch.tensor([[5.0, 1.0, 0.0], [0.0, 1.0, 5.0]])
+    allowed = torch.tensor([[False, True, True], [True, True, False]])
+    assert draw(logits, GREEDY, allowed).tolist() == [1, 1]
+    for _ in range(20):
+        ids = draw(logits, SamplingParams(temperature=3.0), allowed, gen(_))
+        assert allowed[torch.arange(2), ids].all()
+
+
+def test_inverse_cdf_draws_follow_the_distribution():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(20000, 4)
+    ids = inverse_cdf(probs, gen(0))
+    freq = torch.bincount(ids, minlength=4).float() / ids.numel()
+    assert freq[1] == 0
+    assert torch.allclose(freq, probs[0], atol=0.015)
+
+
+def test_sampler_leaves_the_training_flag_alone():
+    m = tiny()
+    m.train()
+    sample(m, conds(m), seq_len=4)
+    assert m.training
+
+
+def test_sampler_rejects_impossible_lengths():
+    m = tiny()
+    with pytest.raises(ValueError, match="block_size"):
+        sample(m, conds(m), seq_len=17)
