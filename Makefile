@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean-venv
+.PHONY: venv demo test bench docs clean-venv
 
 venv: $(STAMP)
 
@@ -36,3 +36,6 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+docs: $(STAMP)
+	$(BIN)/python -m mqscale.docs

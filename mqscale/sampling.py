@@ -43,14 +43,29 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def draw(logits: torch.Tensor, params: SamplingParams, allowed: torch.Tensor | None = None,
          generator: torch.Generator | None = None) -> torch.Tensor:
-    """One id per row of [B, V] logits, restricted to ``allowed`` [B, V] where given."""
+    """One id per row of [B, V] logits, restricted to ``allowed`` [B, V] where given.
+
+    The same distribution as sampling ``softmax(filter_logits(...))``, but drawn among the top-k
+    candidates only: on CPU a full-width sort or mask costs more than the model step itself.
+    """
     logits = logits.float()
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(filter_logits(logits, params), dim=-1)
-    return inverse_cdf(probs, generator)
+    logits = logits / params.temperature
+    V = logits.shape[-1]
+    idx = None
+    if params.top_k and params.top_k < V:
+        logits, idx = torch.topk(logits, params.top_k, dim=-1)        # sorted, descending
+    elif params.top_p < 1.0:
+        logits, idx = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        before = torch.cumsum(probs, dim=-1) - probs                   # mass ahead of each entry
+        probs = probs.masked_fill(before >= params.top_p, 0.0)
+    j = inverse_cdf(probs, generator)
+    return j if idx is None else idx.gather(1, j[:, None]).squeeze(1)
 
 
 def inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -127,3 +127,10 @@ def test_cli_prints_one_line_and_exits_2_without_traceback(tmp_path):
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("config error: ") and "model.n_head" in lines[0] and str(path) in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_readme_config_reference_is_current():
+    from mqscale.config import reference_markdown
+    from mqscale.docs import readme_block
+    block = readme_block((ROOT / "README.md").read_text())
+    assert block == reference_markdown(), "run: python -m mqscale.docs"
