@@ -130,7 +130,6 @@ def test_cli_prints_one_line_and_exits_2_without_traceback(tmp_path):
 
 
 def test_readme_config_reference_is_current():
-    from mqscale.config import reference_markdown
-    from mqscale.docs import readme_block
+    from mqscale.docs import readme_block, reference_markdown
     block = readme_block((ROOT / "README.md").read_text())
     assert block == reference_markdown(), "run: python -m mqscale.docs"

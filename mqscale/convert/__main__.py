@@ -15,6 +15,7 @@ def load_checkpoint(src: Path, trust_pickle: bool) -> dict:
     if not src.is_file():
         raise UserError(f"{src}: no such checkpoint file")
     try:
+        # Trust boundary: full unpickling only when the user passes --trust-pickle for this file.
         obj = torch.load(src, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

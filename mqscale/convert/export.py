@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mqscale.cli import UserError
-from mqscale.config import Config, ConfigError, from_dict, to_dict
+from mqscale.config import Config, from_dict, to_dict
 from mqscale.models import Stackformer, param_count
 
 FORMAT = "mqscale-stackformer/1"
@@ -73,10 +73,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu",
     weights = d / meta.get("weights", WEIGHTS)
     if verify and sha256_file(weights) != meta.get("weights_sha256"):
         raise UserError(f"{weights}: sha256 does not match {cfg_path}; the export is damaged")
-    try:
-        cfg = from_dict(meta["config"], str(cfg_path))
-    except ConfigError:
-        raise
+    cfg = from_dict(meta["config"], str(cfg_path))  # a bad config raises ConfigError naming the file
     model = Stackformer(cfg.model)
     missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
     if missing or unexpected:
