@@ -89,14 +89,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Token shards for Stackformer training (the data layer fills in the loader)."""
-    train_url: str = _f("", doc="manifest or shard URL (any fsspec URL)")
-    val_url: str = _f("", doc="validation manifest or shard URL")
-    batch_size: int = _f(8, ge=1, doc="micro-batch per worker")
-    num_workers: int = _f(1, ge=0, doc="loader processes per worker")
-    shuffle_buffer: int = _f(1000, ge=0, doc="samples in the shuffle buffer")
-    seed: int = _f(0, ge=0, doc="data order seed")
-    storage_options: dict[str, Any] = _f({}, doc="fsspec options, e.g. {endpoint_url: ...}")
+    """Shards to stream (token shards for Stackformer, image shards for the tokenizer)."""
+    train_url: str = _f("", doc="manifest (or its directory) or a brace pattern, any fsspec URL")
+    val_url: str = _f("", doc="validation manifest or pattern")
+    kind: Literal["auto", "tokens", "images"] = _f("auto", doc="auto reads it from the manifest")
+    batch_size: int = _f(8, ge=1, doc="micro-batch per rank")
+    num_workers: int = _f(1, ge=0, doc="DataLoader worker processes per rank")
+    mode: Literal["epoch", "resampled"] = _f("epoch", doc="epoch: each sample once per epoch; "
+                                            "resampled: endless shards drawn with replacement")
+    shuffle: bool = _f(True, doc="seeded shuffle of shard order and within windows")
+    shuffle_buffer: int = _f(4096, ge=1, doc="rows per shuffle window")
+    seed: int = _f(0, ge=0, doc="data order seed (with the epoch)")
+    resolution: int = _f(256, ge=8, doc="images: resize + center-crop to this square size")
+    on_shard_error: Literal["fail", "skip"] = _f("fail", doc="a shard unreadable after retries")
+    prefetch_factor: int = _f(4, ge=1, doc="batches each worker prepares ahead")
+    worker_start: Literal["spawn", "forkserver", "fork"] = _f(
+        "spawn", doc="how workers start; fork is unsafe with async filesystems (s3fs)")
+    storage_options: dict[str, Any] = _f({}, doc="fsspec options, e.g. {endpoint_url: ..., anon: true}")
 
 
 @dataclass

@@ -1,0 +1,251 @@
+"""From shard segments to fixed-size batches of rows: decoding, holes, window shuffle.
+
+Rows travel as column blocks (``dict[str, np.ndarray]``, equal first dimension) so token data is
+handled a chunk at a time, never a Python object per sequence. Anything unusable (a corrupt
+tail, an undecodable image, an invalid sequence, an unreadable shard under ``skip``) becomes a
+*hole*: a zero row with ``valid=False`` that keeps its index, so batch boundaries, the exactly-once
+accounting and resume positions never depend on what went wrong.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from mqscale.data import fs
+from mqscale.data.images import IMAGE_EXTS, TEXT_EXTS, decode_image_sample
+from mqscale.data.plan import Shard, window_permutation
+from mqscale.data.tario import ReadStats, iter_samples
+from mqscale.data.tokens import HEADER_KEY, TokenMeta, decode_chunk
+
+Block = dict[str, np.ndarray]
+
+
+class ShardReadError(RuntimeError):
+    """A shard that cannot be read and the config says to fail; the message names it."""
+
+
+def concat(blocks: list[Block]) -> Block:
+    if len(blocks) == 1:
+        return blocks[0]
+    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+
+def rows(block: Block, idx) -> Block:
+    return {k: v[idx] for k, v in block.items()}
+
+
+def size(block: Block) -> int:
+    return len(block["valid"])
+
+
+@dataclass
+class ReaderSpec:
+    kind: str                       # "tokens" | "images"
+    meta: TokenMeta | None = None   # tokens
+    resolution: int = 256           # images
+    storage_options: dict | None = None
+    on_shard_error: str = "fail"    # fail | skip
+    block_rows: int = 64            # images decoded per block
+
+
+class ShardReader:
+    def __init__(self, spec: ReaderSpec, stats: ReadStats):
+        self.spec, self.stats = spec, stats
+
+    def holes(self, n: int, first_id: int = -1) -> Block:
+        s = self.spec
+        if s.kind == "tokens":
+            m = s.meta
+            b = {"codes": np.zeros((n, m.seq_len), np.int16), "positions": np.zeros((n, m.seq_len), np.int16),
+                 "labels": np.zeros(n, np.int32)}
+            if m.cond == "text":
+                b["text"] = np.zeros((n, m.text_len), np.int32)
+        else:
+            r = s.resolution
+            b = {"image": np.zeros((n, r, r, 3), np.uint8), "label": np.full(n, -1, np.int64),
+                 "caption": np.full(n, "", dtype=object), "key": np.full(n, "", dtype=object)}
+        b["valid"] = np.zeros(n, bool)
+        b["sample_id"] = np.full(n, -1, np.int64)
+        return b
+
+    def read(self, shard: Shard, start: int, end: int) -> Iterator[Block]:
+        """Blocks covering exactly rows [start, end) of ``shard``."""
+        done = start
+        try:
+            f = fs.open_read(shard.url, self.spec.storage_options)
+        except (OSError, ValueError) as e:
+            self._unreadable(shard, e)
+            yield self.holes(end - start)
+            return
+        with f:
+            gen = self._tokens(f, shard, start, end) if self.spec.kind == "tokens" else \
+                self._images(f, shard, start, end)
+            try:
+                for first, block in gen:
+                    if first > done:  # rows the shard skipped over (a bad chunk)
+                        yield self.holes(first - done)
+                    yield block
+                    done = first + size(block)
+            except OSError as e:  # a read that failed mid-shard after the filesystem's retries
+                self._unreadable(shard, e)
+        if done < end:
+            self.stats.missing_samples += end - done
+            self.stats.note(f"{shard.url}: {end - done} promised samples missing")
+            yield self.holes(end - done)
+
+    def _unreadable(self, shard: Shard, e: Exception) -> None:
+        if self.spec.on_shard_error == "fail":
+            raise ShardReadError(f"shard {shard.url}: cannot be read ({type(e).__name__}: {e})") from None
+        self.stats.unreadable_shards += 1
+        self.stats.note(f"{shard.url}: unreadable, skipped ({type(e).__name__}: {e})")
+
+    def _tokens(self, f, shard: Shard, start: int, end: int) -> Iterator[tuple[int, Block]]:
+        meta, pos = self.spec.meta, 0
+        for key, members in iter_samples(f, shard.url, self.stats):
+            if key == HEADER_KEY:
+                if not self._header_ok(members, shard):
+                    return
+                continue
+            self._count_unknown(members, {"codes.npy", "posbits.npy", "positions.npy", "labels.npy",
+                                          "text.npy", "keys.txt"})
+            if "codes.npy" not in members:
+                continue
+            block = decode_chunk(meta, members, self.stats, f"{shard.url}:{key}")
+            n = len(block) if block is not None else _rows_hint(members)
+            lo, hi = max(start, pos), min(end, pos + n)
+            if lo < hi and block is not None:
+                sel = slice(lo - pos, hi - pos)
+                b = {"codes": block.codes[sel], "positions": block.positions[sel], "labels": block.labels[sel]}
+                if meta.cond == "text":
+                    b["text"] = block.text[sel]
+                b["valid"] = block.valid[sel]
+                b["sample_id"] = np.where(b["valid"], shard.offset + np.arange(lo, hi), -1)
+                yield lo, b
+            pos += n
+            if pos >= end:
+                return
+
+    def _header_ok(self, members: dict, shard: Shard) -> bool:
+        import json
+        try:
+            head = TokenMeta.from_dict(json.loads(members.get("json", b"{}")))
+        except (ValueError, TypeError) as e:
+            head, why = None, str(e)
+        else:
+            diff = head.agrees_with(self.spec.meta)
+            why = f"header differs from the manifest in {diff}" if diff else ""
+        if head is None or why:
+            self.stats.corrupt_shards += 1
+            self.stats.note(f"{shard.url}: {why or 'bad header'}; shard skipped")
+            return False
+        return True
+
+    def _images(self, f, shard: Shard, start: int, end: int) -> Iterator[tuple[int, Block]]:
+        r = self.spec.resolution
+        buf: list[dict] = []
+        first = start
+        for i, (key, members) in enumerate(iter_samples(f, shard.url, self.stats)):
+            if i >= end:
+                break
+            if i < start:
+                continue
+            self._count_unknown(members, set(IMAGE_EXTS) | TEXT_EXTS)
+            try:
+                d = decode_image_sample(members, r)
+                if d["image"].shape != (r, r, 3):
+                    raise ValueError(f"image is {d['image'].shape}, not {r}x{r} RGB")
+                d.update(valid=True, sample_id=shard.offset + i, key=key)
+            except (ValueError, OSError, SyntaxError) as e:  # PIL raises all three
+                self.stats.undecodable += 1
+                self.stats.note(f"{shard.url}:{key}: undecodable ({type(e).__name__}: {e})")
+                d = None
+            buf.append(d)
+            if len(buf) == self.spec.block_rows:
+                yield first, self._image_block(buf)
+                first, buf = first + len(buf), []
+        if buf:
+            yield first, self._image_block(buf)
+
+    def _image_block(self, samples: list[dict | None]) -> Block:
+        b = self.holes(len(samples))
+        for j, d in enumerate(samples):
+            if d is not None:
+                b["image"][j] = d["image"]
+                b["label"][j], b["caption"][j], b["key"][j] = d["label"], d["caption"], d["key"]
+                b["valid"][j], b["sample_id"][j] = True, d["sample_id"]
+        return b
+
+    def _count_unknown(self, members: dict, known: set[str]) -> None:
+        extra = [e for e in members if e not in known]
+        if extra:
+            self.stats.unknown_members += len(extra)
+
+
+def _rows_hint(members: dict) -> int:
+    """Row count of a chunk that would not decode, from its npy header if that much is readable."""
+    import io
+    try:
+        import numpy.lib.format as fmt
+        buf = io.BytesIO(members["codes.npy"])
+        version = fmt.read_magic(buf)
+        shape = fmt._read_array_header(buf, version)[0]
+        return int(shape[0])
+    except Exception:
+        return 0
+
+
+def shuffled_rows(reader: ShardReader, segments: Iterator[tuple[Shard, int, int]], *, count: int | None,
+                  window: int, start_row: int, seed: int, epoch: int, slot: int,
+                  shuffle: bool) -> Iterator[Block]:
+    """The slot's rows from ``start_row`` on, window-shuffled. ``segments`` begin at the start of
+    window ``start_row // window``; ``count`` is the slot's real rows (None = endless)."""
+    blocks = (b for seg in segments for b in reader.read(*seg))
+    pending: list[Block] = []
+    have = 0
+    j = start_row // window
+    while count is None or j * window < count:
+        lo = j * window
+        want = window if count is None else min(window, count - lo)
+        while have < want:
+            b = next(blocks, None)
+            if b is None:
+                raise RuntimeError("shard plan ended before the slot's rows did")  # a plan bug
+            pending.append(b)
+            have += size(b)
+        cat = concat(pending)
+        win, rest = rows(cat, slice(0, want)), rows(cat, slice(want, None))
+        pending, have = ([rest], size(rest)) if size(rest) else ([], 0)
+        win = rows(win, window_permutation(seed, epoch, slot, j, want, shuffle))
+        if j == start_row // window and start_row > lo:
+            win = rows(win, slice(start_row - lo, None))
+        yield win
+        j += 1
+
+
+def batches(stream: Iterator[Block], batch: int, n_batches: int | None, pad: Block,
+            stats: ReadStats) -> Iterator[Block]:
+    """Cut a row stream into ``n_batches`` batches of ``batch`` rows, padding the end with holes."""
+    pending: list[Block] = []
+    have = made = 0
+    exhausted = False
+    while n_batches is None or made < n_batches:
+        while have < batch and not exhausted:
+            b = next(stream, None)
+            if b is None:
+                exhausted = True
+                break
+            pending.append(b)
+            have += size(b)
+        if have < batch:
+            fill = batch - have
+            stats.padding += fill
+            pending.append(rows(pad, slice(0, fill)))
+            have = batch
+        cat = concat(pending)
+        out, rest = rows(cat, slice(0, batch)), rows(cat, slice(batch, None))
+        pending, have = ([rest], size(rest)) if size(rest) else ([], 0)
+        stats.samples += int(out["valid"].sum())
+        made += 1
+        yield out

@@ -1,0 +1,116 @@
+"""Tar streams in the WebDataset layout, read and written without ever unpickling.
+
+Members ``dir/key.ext1.ext2`` group into samples by key, in order. Reading refuses pickle-like
+members (counted, their bytes dropped unread by any decoder) and turns a truncated or corrupt
+archive into a counted event that ends the shard, instead of an exception that ends the run.
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import IO, Iterator
+
+# Extensions whose usual decoders unpickle: never decoded, always refused and counted.
+REFUSED_EXTS = {"pyd", "pkl", "pickle", "pth", "pt", "ckpt", "joblib"}
+
+
+@dataclass
+class ReadStats:
+    """Counters a reader keeps; summed across workers and ranks for the training metrics."""
+    samples: int = 0             # samples delivered valid
+    invalid_samples: int = 0     # decoded but failed validation (token ranges, lengths, ...)
+    undecodable: int = 0         # a member that would not decode (bad image, bad npy)
+    refused_members: int = 0     # pickle-like members, never decoded
+    unknown_members: int = 0     # members with an extension the decoder does not use
+    corrupt_shards: int = 0      # truncated or damaged archives (remaining samples skipped)
+    unreadable_shards: int = 0   # could not be opened/read after the filesystem's retries
+    missing_samples: int = 0     # samples the manifest promised but the shard did not hold
+    padding: int = 0             # batch slots filled with masked holes to keep ranks in step
+    events: list[str] = field(default_factory=list)  # last few "shard: what happened" lines
+
+    def note(self, msg: str) -> None:
+        self.events = (self.events + [msg])[-20:]
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "events"}
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``a/b/key.x.y`` -> (``a/b/key``, ``x.y``), the WebDataset key/extension rule."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
+
+
+def iter_samples(f: IO[bytes], shard: str, stats: ReadStats) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) per sample. A corrupt tail ends the shard, counted once."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(fileobj=f, mode="r|*") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                k, ext = split_name(member.name)
+                if ext.rsplit(".", 1)[-1].lower() in REFUSED_EXTS:
+                    stats.refused_members += 1
+                    stats.note(f"{shard}: refused {member.name} (pickle-like member, not decoded)")
+                    continue
+                data = tf.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                if k != key:
+                    if key is not None:
+                        yield key, sample
+                    key, sample = k, {}
+                sample[ext] = data
+    except (tarfile.TarError, EOFError, ValueError) as e:  # OSError (storage) propagates
+        stats.corrupt_shards += 1
+        stats.note(f"{shard}: corrupt or truncated after key {key!r} ({e}); rest of shard skipped")
+        return  # the partly read sample is dropped: its members may be incomplete
+    if key is not None:
+        yield key, sample
+
+
+class TarWriter:
+    """Write members to a binary stream as a POSIX tar with fixed metadata (reproducible bytes)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.tf = tarfile.open(fileobj=f, mode="w|", format=tarfile.GNU_FORMAT)
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o444
+        info.uname = info.gname = ""
+        self.tf.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tf.close()
+
+
+class Progress:
+    """A progress bar with items/s on stderr (tqdm), silent when disabled."""
+
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True):
+        self.t0 = time.perf_counter()
+        self.count = 0
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> float:
+        if self.bar is not None:
+            self.bar.close()
+        dt = time.perf_counter() - self.t0
+        return self.count / dt if dt > 0 else 0.0
