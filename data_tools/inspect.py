@@ -1,10 +1,30 @@
-"""python -m data_tools.inspect — dataset tool (inspect).
+"""python -m data_tools.inspect URL [--json]: counts, sizes and content statistics of a shard set.
 
-Not built yet: issue #3 builds it. Until then it says so in one line and exits non-zero.
+URL is a manifest, its directory, or a brace pattern of shards, on any fsspec URL. Every sample
+is decoded. Token shards also show the length histogram, codebook usage, the class histogram and
+the mean kept-position map; image shards the class histogram and image sizes.
 """
-from mqscale.cli import not_built
+from __future__ import annotations
 
-main = not_built("data_tools.inspect", 3)
+import argparse
+import json
+
+from data_tools.scan import print_report, scan
+from mqscale.cli import guarded
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("url")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--storage-options", default="{}", help="JSON fsspec options")
+    ns = p.parse_args(argv)
+    rep, src = scan(ns.url, json.loads(ns.storage_options), check_sha=False)
+    print_report(rep, src, ns.json)
+    return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

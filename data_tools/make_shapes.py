@@ -36,8 +36,7 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
         n = {"triangle": 3, "square": 4, "diamond": 4, "hexagon": 6}[kind]
         if kind in ("square", "diamond"):  # told apart by orientation alone, so never rotated
             angle = math.pi / 4 if kind == "square" else 0.0
-        off = 0.0
-        pts = [(r, angle + off + 2 * math.pi * i / n) for i in range(n)]
+        pts = [(r, angle + 2 * math.pi * i / n) for i in range(n)]
     return [(cx + d * math.cos(a), cy + d * math.sin(a)) for d, a in pts]
 
 

@@ -113,7 +113,9 @@ def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> N
 
 def register_webdataset_opener() -> None:
     """Make webdataset open every fsspec protocol through fsspec, and refuse pipe: URLs."""
-    from webdataset import gopen as wds_gopen
+    import importlib
+
+    wds_gopen = importlib.import_module("webdataset.gopen")  # the module; the package re-exports a function
 
     def _fsspec_open(url, mode="rb", bufsize=8192, **kw):
         return fsspec.open(check_url(url), mode).open()

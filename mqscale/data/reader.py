@@ -8,6 +8,7 @@ accounting and resume positions never depend on what went wrong.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -102,20 +103,31 @@ class ShardReader:
         self.stats.note(f"{shard.url}: unreadable, skipped ({type(e).__name__}: {e})")
 
     def _tokens(self, f, shard: Shard, start: int, end: int) -> Iterator[tuple[int, Block]]:
-        meta, pos = self.spec.meta, 0
+        meta, chunk = self.spec.meta, 0
         for key, members in iter_samples(f, shard.url, self.stats):
             if key == HEADER_KEY:
-                if not self._header_ok(members, shard):
+                chunk = self._header_chunk_size(members, shard)
+                if not chunk:
                     return
                 continue
             self._count_unknown(members, {"codes.npy", "posbits.npy", "positions.npy", "labels.npy",
                                           "text.npy", "keys.txt"})
-            if "codes.npy" not in members:
-                continue
+            if not chunk or not key.isdigit():
+                self.stats.corrupt_shards += 1
+                self.stats.note(f"{shard.url}: member {key!r} before a header or not a chunk; shard skipped")
+                return
+            pos = int(key) * chunk
+            if pos >= end:
+                return
             block = decode_chunk(meta, members, self.stats, f"{shard.url}:{key}")
-            n = len(block) if block is not None else _rows_hint(members)
-            lo, hi = max(start, pos), min(end, pos + n)
-            if lo < hi and block is not None:
+            if block is None:
+                continue  # its rows become holes: the next chunk's rows are placed by its own key
+            if len(block) > chunk:
+                self.stats.undecodable += 1
+                self.stats.note(f"{shard.url}:{key}: {len(block)} rows in a chunk of {chunk}")
+                continue
+            lo, hi = max(start, pos), min(end, pos + len(block))
+            if lo < hi:
                 sel = slice(lo - pos, hi - pos)
                 b = {"codes": block.codes[sel], "positions": block.positions[sel], "labels": block.labels[sel]}
                 if meta.cond == "text":
@@ -123,24 +135,25 @@ class ShardReader:
                 b["valid"] = block.valid[sel]
                 b["sample_id"] = np.where(b["valid"], shard.offset + np.arange(lo, hi), -1)
                 yield lo, b
-            pos += n
-            if pos >= end:
-                return
 
-    def _header_ok(self, members: dict, shard: Shard) -> bool:
-        import json
+    def _header_chunk_size(self, members: dict, shard: Shard) -> int:
+        """The shard's chunk size, or 0 when its header is bad or from other token settings."""
+        why = ""
         try:
-            head = TokenMeta.from_dict(json.loads(members.get("json", b"{}")))
-        except (ValueError, TypeError) as e:
-            head, why = None, str(e)
-        else:
-            diff = head.agrees_with(self.spec.meta)
-            why = f"header differs from the manifest in {diff}" if diff else ""
-        if head is None or why:
+            head = json.loads(members.get("json", b"{}"))
+            diff = TokenMeta.from_dict(head).agrees_with(self.spec.meta)
+            chunk = int(head["chunk_size"])
+            if diff:
+                why = f"header differs from the manifest in {diff}"
+            elif chunk < 1:
+                why = f"chunk_size {chunk}"
+        except (ValueError, TypeError, KeyError) as e:
+            why, chunk = f"bad header ({type(e).__name__}: {e})", 0
+        if why:
             self.stats.corrupt_shards += 1
-            self.stats.note(f"{shard.url}: {why or 'bad header'}; shard skipped")
-            return False
-        return True
+            self.stats.note(f"{shard.url}: {why}; shard skipped")
+            return 0
+        return chunk
 
     def _images(self, f, shard: Shard, start: int, end: int) -> Iterator[tuple[int, Block]]:
         r = self.spec.resolution
@@ -181,19 +194,6 @@ class ShardReader:
         extra = [e for e in members if e not in known]
         if extra:
             self.stats.unknown_members += len(extra)
-
-
-def _rows_hint(members: dict) -> int:
-    """Row count of a chunk that would not decode, from its npy header if that much is readable."""
-    import io
-    try:
-        import numpy.lib.format as fmt
-        buf = io.BytesIO(members["codes.npy"])
-        version = fmt.read_magic(buf)
-        shape = fmt._read_array_header(buf, version)[0]
-        return int(shape[0])
-    except Exception:
-        return 0
 
 
 def shuffled_rows(reader: ShardReader, segments: Iterator[tuple[Shard, int, int]], *, count: int | None,

@@ -46,11 +46,33 @@ def split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:]
 
 
+class _TailReader:
+    """Passes reads through, remembering the last 1024 bytes (a tar's end-of-archive marker)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.tail = f, b""
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.tail = (self.tail + b)[-1024:]
+        return b
+
+    def ended_cleanly(self) -> bool:
+        while self.read(1 << 16):
+            pass
+        return self.tail == bytes(1024)
+
+
 def iter_samples(f: IO[bytes], shard: str, stats: ReadStats) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) per sample. A corrupt tail ends the shard, counted once."""
+    """Yield (key, {ext: bytes}) per sample. A corrupt tail ends the shard, counted once.
+
+    A tar cut at a member boundary parses without error, so the last sample is held back until
+    the end-of-archive marker (1024 zero bytes) has been seen: without it, the sample may be
+    missing members and is dropped with the shard counted corrupt."""
+    src = _TailReader(f)
     key, sample = None, {}
     try:
-        with tarfile.open(fileobj=f, mode="r|*") as tf:
+        with tarfile.open(fileobj=src, mode="r|*") as tf:
             for member in tf:
                 if not member.isfile():
                     continue
@@ -67,6 +89,8 @@ def iter_samples(f: IO[bytes], shard: str, stats: ReadStats) -> Iterator[tuple[s
                         yield key, sample
                     key, sample = k, {}
                 sample[ext] = data
+        if not src.ended_cleanly():
+            raise tarfile.ReadError("no end-of-archive marker (truncated)")
     except (tarfile.TarError, EOFError, ValueError) as e:  # OSError (storage) propagates
         stats.corrupt_shards += 1
         stats.note(f"{shard}: corrupt or truncated after key {key!r} ({e}); rest of shard skipped")

@@ -170,8 +170,10 @@ def decode_chunk(meta: TokenMeta, members: dict[str, bytes], stats: ReadStats, w
     return TokenBlock(codes, positions, labels, text, ok)
 
 
-def header_bytes(meta: TokenMeta, shard_index: int, n: int) -> bytes:
-    return json.dumps({"format": TOKENS_FORMAT, "shard": shard_index, "n": n, **meta.to_dict()}).encode()
+def header_bytes(meta: TokenMeta, shard_index: int, n: int, chunk_size: int) -> bytes:
+    """Chunk i holds rows [i * chunk_size, ...): a reader places rows without trusting a chunk."""
+    return json.dumps({"format": TOKENS_FORMAT, "shard": shard_index, "n": n, "chunk_size": chunk_size,
+                       **meta.to_dict()}).encode()
 
 
 class TokenShardWriter:
@@ -180,7 +182,7 @@ class TokenShardWriter:
     def __init__(self, f: IO[bytes], meta: TokenMeta, shard_index: int, n: int, chunk_size: int = 256):
         self.meta, self.chunk_size, self.expected = meta, chunk_size, n
         self.tar = TarWriter(f)
-        self.tar.add(f"{HEADER_KEY}.json", header_bytes(meta, shard_index, n))
+        self.tar.add(f"{HEADER_KEY}.json", header_bytes(meta, shard_index, n, chunk_size))
         self.buf: dict[str, list] = {"codes": [], "positions": [], "labels": [], "text": [], "keys": []}
         self.written = self.chunks = 0
 

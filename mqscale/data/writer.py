@@ -29,8 +29,13 @@ from mqscale.data.tario import Progress, ReadStats, iter_samples
 class ShardJob:
     index: int
     name: str
-    keys: list[str]      # the sample keys this shard must hold, in order
+    keys: list[str]      # the tar sample keys this shard must hold, in order
     items: Any           # whatever the producer needs to make them
+    n: int | None = None  # samples it holds, when not one per key (a token shard's chunks)
+
+    @property
+    def samples(self) -> int:
+        return len(self.keys) if self.n is None else self.n
 
 
 @dataclass
@@ -73,8 +78,8 @@ def _run_job(produce: Callable, job: ShardJob, base: str, storage_options: dict 
     url = fs.join(base, job.name)
     with fs.atomic_writer(url, storage_options) as f:
         n = produce(f, job)
-    if n != len(job.keys):
-        raise RuntimeError(f"{url}: wrote {n} samples, planned {len(job.keys)}")
+    if n != job.samples:
+        raise RuntimeError(f"{url}: wrote {n} samples, planned {job.samples}")
     sha, size = sha256_url(url, storage_options)
     return ShardInfo(job.name, n, size, sha)
 
@@ -92,22 +97,22 @@ def write_shard_set(base: str, jobs: Sequence[ShardJob], produce: Callable, *, f
         previous = {}
     infos: dict[int, ShardInfo] = {}
     todo: list[ShardJob] = []
-    bar = Progress(sum(len(j.keys) for j in jobs), f"shards -> {base}", unit, progress)
+    bar = Progress(sum(j.samples for j in jobs), f"shards -> {base}", unit, progress)
     for job in jobs:
         url = fs.join(base, job.name)
         if fs.exists(url, storage_options) and holds_exactly(url, job.keys, storage_options):
             sha, size = sha256_url(url, storage_options)
             old = previous.get(job.name)
             if old is None or old.sha256 == sha:
-                infos[job.index] = ShardInfo(job.name, len(job.keys), size, sha)
-                bar.update(len(job.keys))
+                infos[job.index] = ShardInfo(job.name, job.samples, size, sha)
+                bar.update(job.samples)
                 continue
         todo.append(job)
     in_process = workers <= 1 or len(todo) <= 1 or base.startswith("memory://")
     if in_process:
         for job in todo:
             infos[job.index] = _run_job(produce, job, base, storage_options)
-            bar.update(len(job.keys))
+            bar.update(job.samples)
     else:
         ctx = mp.get_context("spawn")  # no fsspec/s3fs state crosses a fork
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
@@ -115,7 +120,7 @@ def write_shard_set(base: str, jobs: Sequence[ShardJob], produce: Callable, *, f
             for fut in cf.as_completed(futures):
                 job = futures[fut]
                 infos[job.index] = fut.result()
-                bar.update(len(job.keys))
+                bar.update(job.samples)
     rate = bar.close()
     manifest = Manifest(format=fmt, shards=[infos[j.index] for j in jobs], classes=classes,
                         meta=meta or {}, created_by=created_by)

@@ -1,0 +1,185 @@
+"""Bad data never stops or fools the loader: truncation, pickles, invalid tokens, lost shards."""
+from __future__ import annotations
+
+import io
+import pickle
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mqscale.config import DataConfig
+from mqscale.data import fs
+from mqscale.data.loader import StreamingLoader
+from mqscale.data.reader import ShardReadError
+from mqscale.data.tokens import TokenMeta, npy_bytes
+from tests.datagen import META, token_set
+
+COUNTS = [40, 40, 40]
+
+
+def cfg(**kw):
+    base = dict(batch_size=8, num_workers=0, shuffle_buffer=16, seed=1)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def valid_ids(loader):
+    return [i for b in loader for i in b["sample_id"][b["mask"]].tolist()]
+
+
+def test_truncated_shard_is_counted_and_the_rest_arrives(tmp_path):
+    token_set(str(tmp_path), COUNTS)
+    shard = tmp_path / "tokens-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])            # cut mid-archive
+    loader = StreamingLoader(str(tmp_path), cfg())
+    ids = valid_ids(loader)
+    st = loader.stats()
+    assert st["corrupt_shards"] == 1
+    lost = 120 - len(ids)
+    assert 0 < lost < 40 and st["missing_samples"] == lost
+    assert set(range(0, 40)) | set(range(80, 120)) <= set(ids)     # the other shards are whole
+    assert len(ids) == len(set(ids))
+    assert any("tokens-000001.tar" in e for e in loader.events)
+
+
+class _Bomb:
+    """Unpickling this creates a file: proof that something unpickled a member."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def test_pickle_members_are_refused_never_executed(tmp_path):
+    token_set(str(tmp_path), COUNTS)
+    marker = tmp_path / "PWNED"
+    shard = tmp_path / "tokens-000002.tar"
+    members = []
+    with tarfile.open(shard) as tf:
+        for m in tf.getmembers():
+            members.append((m.name, tf.extractfile(m).read()))
+    with tarfile.open(shard, "w") as tf:
+        for name, data in members:
+            _add(tf, name, data)
+            if name.endswith("000000.codes.npy"):
+                for ext in ("pyd", "pkl", "pickle", "pth"):
+                    _add(tf, f"000000.evil.{ext}", pickle.dumps(_Bomb(str(marker))))
+    loader = StreamingLoader(str(tmp_path), cfg())
+    ids = valid_ids(loader)
+    assert not marker.exists()
+    assert loader.stats()["refused_members"] == 4
+    assert sorted(ids) == list(range(120))  # the shard's sequences still arrive
+
+
+def test_npy_with_pickled_objects_is_not_loaded(tmp_path):
+    token_set(str(tmp_path), [20])
+    marker = tmp_path / "PWNED2"
+    shard = tmp_path / "tokens-000000.tar"
+    members = []
+    with tarfile.open(shard) as tf:
+        for m in tf.getmembers():
+            members.append((m.name, tf.extractfile(m).read()))
+    buf = io.BytesIO()
+    np.save(buf, np.array([_Bomb(str(marker))], dtype=object), allow_pickle=True)
+    with tarfile.open(shard, "w") as tf:
+        for name, data in members:
+            _add(tf, name, buf.getvalue() if name == "000000.codes.npy" else data)
+    loader = StreamingLoader(str(tmp_path), cfg())
+    ids = valid_ids(loader)
+    assert not marker.exists()
+    assert loader.stats()["undecodable"] == 1
+    assert sorted(ids) == list(range(16, 20))     # chunk 0 (16 rows) lost, chunk 1 kept
+
+
+def test_invalid_token_samples_are_skipped_and_counted(tmp_path):
+    token_set(str(tmp_path), [32], chunk=16)
+    shard = tmp_path / "tokens-000000.tar"
+    members = []
+    with tarfile.open(shard) as tf:
+        for m in tf.getmembers():
+            members.append((m.name, tf.extractfile(m).read()))
+    g = np.random.default_rng(0)
+    codes = g.integers(0, META.codebook_size, (16, META.seq_len))
+    codes[2, 5] = META.codebook_size + 3                      # code out of range
+    pos = np.sort(g.permutation(64)[: META.seq_len * 16].reshape(16, -1) % 64, axis=1)
+    pos = np.stack([np.sort(g.permutation(64)[: META.seq_len]) for _ in range(16)])
+    pos[4] = pos[4][::-1]                                     # descending
+    pos[6, 3] = pos[6, 2]                                     # repeated position
+    pos[8, -1] = 64                                           # off the grid
+    labels = np.arange(16) % META.n_classes
+    labels[10] = 99                                           # class out of range
+    with tarfile.open(shard, "w") as tf:
+        for name, data in members:
+            if name.startswith("000001."):
+                if name.endswith("codes.npy"):
+                    _add(tf, "000001.codes.npy", npy_bytes(codes.astype(np.int16)))
+                    _add(tf, "000001.positions.npy", npy_bytes(pos.astype(np.int16)))
+                    _add(tf, "000001.labels.npy", npy_bytes(labels.astype(np.int32)))
+                continue
+            _add(tf, name, data)
+    loader = StreamingLoader(str(tmp_path), cfg(shuffle=False))
+    batches = list(loader)
+    ids = [i for b in batches for i in b["sample_id"][b["mask"]].tolist()]
+    assert loader.stats()["invalid_samples"] == 5
+    assert sorted(ids) == [i for i in range(32) if i not in {18, 20, 22, 24, 26}]
+    for b in batches:   # every delivered row is valid
+        m = b["mask"]
+        assert (b["codes"][m] < META.codebook_size).all()
+        assert (b["positions"][m].diff(dim=1) > 0).all()
+
+
+def test_unreadable_shard_fails_or_is_skipped_per_config(tmp_path):
+    token_set(str(tmp_path), COUNTS)
+    (tmp_path / "tokens-000000.tar").unlink()
+    with pytest.raises(ShardReadError, match="tokens-000000.tar"):
+        list(StreamingLoader(str(tmp_path), cfg()))
+    loader = StreamingLoader(str(tmp_path), cfg(on_shard_error="skip"))
+    ids = valid_ids(loader)
+    assert sorted(ids) == list(range(40, 120))
+    assert loader.stats()["unreadable_shards"] == 1
+
+
+def test_shard_from_another_tokenizer_is_skipped(tmp_path):
+    token_set(str(tmp_path / "a"), [20, 20])
+    other = TokenMeta(**{**META.to_dict(), "tokenizer_sha256": "cd" * 32})
+    token_set(str(tmp_path / "b"), [20, 20], meta=other)
+    (tmp_path / "b" / "tokens-000001.tar").replace(tmp_path / "a" / "tokens-000001.tar")
+    loader = StreamingLoader(str(tmp_path / "a"), cfg())
+    assert sorted(valid_ids(loader)) == list(range(20))
+    assert loader.stats()["corrupt_shards"] == 1
+    assert any("tokenizer_sha256" in e for e in loader.events)
+
+
+def test_pipe_urls_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="pipe: URLs are refused"):
+        StreamingLoader("pipe:curl http://x/{0..3}.tar", cfg())
+    import webdataset as wds
+    fs.register_webdataset_opener()
+    with pytest.raises(ValueError, match="refused"):
+        from webdataset.gopen import gopen
+        gopen(f"pipe:touch {tmp_path}/pwned")
+    assert not (tmp_path / "pwned").exists()
+    assert wds is not None
+
+
+def test_token_shard_is_plain_webdataset_and_tar(tmp_path):
+    token_set(str(tmp_path), [600], chunk=256)
+    shard = tmp_path / "tokens-000000.tar"
+    listing = subprocess.run(["tar", "-tf", str(shard)], capture_output=True, text=True, check=True).stdout.split()
+    assert listing[:3] == ["header.json", "000000.codes.npy", "000000.posbits.npy"]
+    import webdataset as wds
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["header", "000000", "000001", "000002"]
+    codes = np.load(io.BytesIO(samples[1]["codes.npy"]), allow_pickle=False)
+    assert codes.shape == (256, META.seq_len) and codes.dtype == np.int16
