@@ -85,7 +85,8 @@ def atomic_writer(url: str, storage_options: dict | None = None) -> Iterator[IO[
             yield f
         except BaseException:
             with contextlib.suppress(Exception):
-                f.discard() if hasattr(f, "discard") else None  # abort the multipart upload
+                f.discard()          # abort the (multipart) upload: nothing appears
+            f.closed = True          # and never flush the discarded buffer later
             raise
         f.close()  # completes the upload: the object appears whole
         return
