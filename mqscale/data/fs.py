@@ -112,14 +112,15 @@ def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> N
         f.write(data)
 
 
-def register_webdataset_opener() -> None:
-    """Make webdataset open every fsspec protocol through fsspec, and refuse pipe: URLs."""
+def register_webdataset_opener(storage_options: dict | None = None) -> None:
+    """Make webdataset open every fsspec protocol through fsspec (with these storage options),
+    and refuse pipe: URLs."""
     import importlib
 
     wds_gopen = importlib.import_module("webdataset.gopen")  # the module; the package re-exports a function
 
     def _fsspec_open(url, mode="rb", bufsize=8192, **kw):
-        return fsspec.open(check_url(url), mode).open()
+        return fsspec.open(check_url(url), mode, **(storage_options or {})).open()
 
     def _refuse(url, *a, **kw):
         check_url(url)

@@ -8,6 +8,7 @@ accounting and resume positions never depend on what went wrong.
 """
 from __future__ import annotations
 
+import collections
 import json
 from dataclasses import dataclass
 from typing import Iterator
@@ -196,56 +197,71 @@ class ShardReader:
             self.stats.unknown_members += len(extra)
 
 
+class RowQueue:
+    """Blocks waiting to be cut into rows; popping k rows copies only those k rows."""
+
+    def __init__(self):
+        self.blocks: collections.deque[Block] = collections.deque()
+        self.n = 0
+
+    def push(self, block: Block) -> None:
+        if size(block):
+            self.blocks.append(block)
+            self.n += size(block)
+
+    def pop(self, k: int) -> Block:
+        parts = []
+        while k:
+            b = self.blocks[0]
+            if size(b) <= k:
+                parts.append(self.blocks.popleft())
+                k -= size(b)
+            else:
+                parts.append(rows(b, slice(0, k)))
+                self.blocks[0] = rows(b, slice(k, None))
+                k = 0
+        self.n -= sum(size(p) for p in parts)
+        return concat(parts)
+
+
 def shuffled_rows(reader: ShardReader, segments: Iterator[tuple[Shard, int, int]], *, count: int | None,
                   window: int, start_row: int, seed: int, epoch: int, slot: int,
                   shuffle: bool) -> Iterator[Block]:
     """The slot's rows from ``start_row`` on, window-shuffled. ``segments`` begin at the start of
     window ``start_row // window``; ``count`` is the slot's real rows (None = endless)."""
     blocks = (b for seg in segments for b in reader.read(*seg))
-    pending: list[Block] = []
-    have = 0
+    queue = RowQueue()
     j = start_row // window
     while count is None or j * window < count:
         lo = j * window
         want = window if count is None else min(window, count - lo)
-        while have < want:
+        while queue.n < want:
             b = next(blocks, None)
             if b is None:
                 raise RuntimeError("shard plan ended before the slot's rows did")  # a plan bug
-            pending.append(b)
-            have += size(b)
-        cat = concat(pending)
-        win, rest = rows(cat, slice(0, want)), rows(cat, slice(want, None))
-        pending, have = ([rest], size(rest)) if size(rest) else ([], 0)
-        win = rows(win, window_permutation(seed, epoch, slot, j, want, shuffle))
+            queue.push(b)
+        perm = window_permutation(seed, epoch, slot, j, want, shuffle)
         if j == start_row // window and start_row > lo:
-            win = rows(win, slice(start_row - lo, None))
-        yield win
+            perm = perm[start_row - lo:]
+        yield rows(queue.pop(want), perm)
         j += 1
 
 
 def batches(stream: Iterator[Block], batch: int, n_batches: int | None, pad: Block,
             stats: ReadStats) -> Iterator[Block]:
     """Cut a row stream into ``n_batches`` batches of ``batch`` rows, padding the end with holes."""
-    pending: list[Block] = []
-    have = made = 0
-    exhausted = False
+    queue = RowQueue()
+    made = 0
     while n_batches is None or made < n_batches:
-        while have < batch and not exhausted:
+        while queue.n < batch:
             b = next(stream, None)
             if b is None:
-                exhausted = True
+                fill = batch - queue.n
+                stats.padding += fill
+                queue.push(rows(pad, slice(0, fill)))
                 break
-            pending.append(b)
-            have += size(b)
-        if have < batch:
-            fill = batch - have
-            stats.padding += fill
-            pending.append(rows(pad, slice(0, fill)))
-            have = batch
-        cat = concat(pending)
-        out, rest = rows(cat, slice(0, batch)), rows(cat, slice(batch, None))
-        pending, have = ([rest], size(rest)) if size(rest) else ([], 0)
+            queue.push(b)
+        out = queue.pop(batch)
         stats.samples += int(out["valid"].sum())
         made += 1
         yield out
