@@ -55,6 +55,11 @@ class _Bomb:
         return (Path.touch, (Path(self.path),))
 
 
+def members_of(shard: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(shard) as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+
+
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -65,10 +70,7 @@ def test_pickle_members_are_refused_never_executed(tmp_path):
     token_set(str(tmp_path), COUNTS)
     marker = tmp_path / "PWNED"
     shard = tmp_path / "tokens-000002.tar"
-    members = []
-    with tarfile.open(shard) as tf:
-        for m in tf.getmembers():
-            members.append((m.name, tf.extractfile(m).read()))
+    members = members_of(shard)
     with tarfile.open(shard, "w") as tf:
         for name, data in members:
             _add(tf, name, data)
@@ -86,10 +88,7 @@ def test_npy_with_pickled_objects_is_not_loaded(tmp_path):
     token_set(str(tmp_path), [20])
     marker = tmp_path / "PWNED2"
     shard = tmp_path / "tokens-000000.tar"
-    members = []
-    with tarfile.open(shard) as tf:
-        for m in tf.getmembers():
-            members.append((m.name, tf.extractfile(m).read()))
+    members = members_of(shard)
     buf = io.BytesIO()
     np.save(buf, np.array([_Bomb(str(marker))], dtype=object), allow_pickle=True)
     with tarfile.open(shard, "w") as tf:
@@ -105,14 +104,10 @@ def test_npy_with_pickled_objects_is_not_loaded(tmp_path):
 def test_invalid_token_samples_are_skipped_and_counted(tmp_path):
     token_set(str(tmp_path), [32], chunk=16)
     shard = tmp_path / "tokens-000000.tar"
-    members = []
-    with tarfile.open(shard) as tf:
-        for m in tf.getmembers():
-            members.append((m.name, tf.extractfile(m).read()))
+    members = members_of(shard)
     g = np.random.default_rng(0)
     codes = g.integers(0, META.codebook_size, (16, META.seq_len))
     codes[2, 5] = META.codebook_size + 3                      # code out of range
-    pos = np.sort(g.permutation(64)[: META.seq_len * 16].reshape(16, -1) % 64, axis=1)
     pos = np.stack([np.sort(g.permutation(64)[: META.seq_len]) for _ in range(16)])
     pos[4] = pos[4][::-1]                                     # descending
     pos[6, 3] = pos[6, 2]                                     # repeated position
