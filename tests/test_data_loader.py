@@ -70,6 +70,7 @@ def test_resume_after_40_batches_gives_the_same_next_8(big_set, rank):
         next(it)
     state = original.state_dict()
     expected = [next(it) for _ in range(8)]
+    it.close()
     fresh = StreamingLoader(big_set, c, rank=rank, world=2)
     fresh.load_state_dict(state)
     got = []
@@ -90,6 +91,7 @@ def test_resume_with_an_odd_count_rotates_workers(big_set):
     it = iter(a)
     for _ in range(7):
         next(it)
+    it.close()
     b = StreamingLoader(big_set, c)
     b.load_state_dict(a.state_dict())
     got = [x["sample_id"] for _, x in zip(range(5), b)]

@@ -198,8 +198,9 @@ class StreamingLoader:
         dl = DataLoader(stream, batch_size=None, num_workers=n, pin_memory=self.pin_memory,
                         prefetch_factor=self.cfg.prefetch_factor if n else None,
                         multiprocessing_context=mp.get_context(self.cfg.worker_start) if n else None)
+        it = iter(dl)
         try:
-            for batch in dl:
+            for batch in it:
                 worker = batch.pop("__worker__")
                 if worker != self.batches % self.workers:
                     raise RuntimeError(f"batch {self.batches} came from worker {worker}, expected "
@@ -210,6 +211,9 @@ class StreamingLoader:
                 yield batch
         finally:
             self._fold()
+            shutdown = getattr(it, "_shutdown_workers", None)  # now, not whenever GC runs
+            if shutdown is not None:
+                shutdown()
         if per_epoch is not None and self.batches >= per_epoch:
             self.set_epoch(self.epoch + 1)
 
