@@ -36,8 +36,8 @@ def add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> N
                    help="dotted overrides, e.g. model.n_embd=512 optim.lr=3e-4")
 
 
-def config_from_args(ns: argparse.Namespace) -> Config:
-    return load_config(ns.config, ns.overrides)
+def config_from_args(ns: argparse.Namespace, root: type = Config):
+    return load_config(ns.config, ns.overrides, root)
 
 
 def not_built(stage: str, issue: int) -> Callable[[list[str] | None], int]:

@@ -391,17 +391,20 @@ def apply_overrides(data: dict, overrides: list[str], origins: dict) -> dict:
     return data
 
 
-def from_dict(data: dict, source: str = "<dict>", origins: dict[str, str] | None = None) -> Config:
-    """Build and validate a Config; every user error raises ConfigError naming key and source."""
+def from_dict(data: dict, source: str = "<dict>", origins: dict[str, str] | None = None,
+              root: type = None) -> Any:
+    """Build and validate a config (``root``: Config, or another run's top-level dataclass);
+    every user error raises ConfigError naming the key and its source."""
     err = _Reporter(origins or {}, source)
-    cfg = _build(Config, data, "", err)
+    cfg = _build(root or Config, data, "", err)
     for section in [cfg] + [getattr(cfg, f.name) for f in dataclasses.fields(cfg)]:
         if hasattr(section, "check"):
             section.check(err)
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                root: type = None) -> Any:
     origins: dict[str, str] = {}
     data: dict = {}
     source = CLI
@@ -411,7 +414,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = _read_yaml(p.resolve() if p.exists() else p, origins)
         origins = {k: (source if v == str(p.resolve()) else v) for k, v in origins.items()}
     apply_overrides(data, list(overrides or []), origins)
-    return from_dict(data, source, origins)
+    return from_dict(data, source, origins, root)
 
 
 def to_dict(cfg: Any) -> dict:

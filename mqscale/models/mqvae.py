@@ -1,0 +1,89 @@
+"""MQ-VAE: encoder -> adaptive mask -> EMA vector quantizer -> adaptive de-mask -> decoder.
+
+Images are float tensors in [-1, 1], [B, C, H, W]. ``encode`` gives codes and raster-ordered
+positions (what pre-tokenization stores and Stackformer models), ``decode`` turns them back into
+images, and ``forward`` is the training call (reconstruction plus the commitment loss).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from mqscale.models.masking import AdaptiveMask, Demask
+from mqscale.models.quantizer import EMAQuantizer
+from mqscale.models.vqgan import Decoder, Encoder
+from mqscale.tokenizer_config import MQVAEConfig
+
+
+@dataclass
+class Encoded:
+    codes: torch.Tensor       # [B, L]
+    positions: torch.Tensor   # [B, L], ascending
+    scores: torch.Tensor      # [B, grid, grid] importance map
+
+
+@dataclass
+class MQVAEOutput:
+    recon: torch.Tensor
+    commit_loss: torch.Tensor
+    encoded: Encoded
+    restarts: int
+
+
+class MQVAE(nn.Module):
+    def __init__(self, cfg: MQVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        common = dict(ch=cfg.ch, ch_mult=list(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+                      attn_resolutions=list(cfg.attn_resolutions), resolution=cfg.resolution,
+                      dropout=cfg.dropout)
+        self.encoder = Encoder(in_channels=cfg.in_channels, z_channels=cfg.latent_channels, **common)
+        self.masker = AdaptiveMask(cfg.latent_channels, cfg.grid, cfg.keep, cfg.codebook_dim,
+                                   random=cfg.mask_type == "random")
+        self.quantize = EMAQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.ema_decay,
+                                     cfg.commitment_beta, cfg.restart_unused)
+        self.demasker = Demask(cfg.codebook_dim, cfg.feature_channels, cfg.grid, cfg.demask_layers, cfg.mask_init)
+        self.decoder = Decoder(out_channels=cfg.in_channels, **common)
+
+    def check_images(self, x: torch.Tensor) -> None:
+        c, r = self.cfg.in_channels, self.cfg.resolution
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ValueError(f"images must be [B, {c}, {r}, {r}], got {tuple(x.shape)} "
+                             f"(channel count {x.shape[1] if x.ndim == 4 else '?'})")
+        if x.shape[2:] != (r, r):
+            raise ValueError(f"images are {x.shape[2]}x{x.shape[3]}; this tokenizer's config is {r}x{r}")
+        if not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or infinite values")
+
+    def _encode(self, x: torch.Tensor, update: bool | None = None):
+        self.check_images(x)
+        m = self.masker(self.encoder(x))
+        q = self.quantize(m.features, update=update)
+        g = self.cfg.grid
+        return q, Encoded(q.codes, m.positions, m.scores.detach().view(-1, g, g))
+
+    def forward(self, x: torch.Tensor) -> MQVAEOutput:
+        q, enc = self._encode(x)
+        recon = self.decoder(self.demasker(q.quantized, enc.positions))
+        return MQVAEOutput(recon, q.commit_loss, enc, q.restarts)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> Encoded:
+        return self._encode(x, update=False)[1]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Images from codes [B, L] at cells ``positions`` [B, L] (any order)."""
+        G = self.cfg.grid ** 2
+        if codes.shape != positions.shape or codes.ndim != 2:
+            raise ValueError(f"codes {tuple(codes.shape)} and positions {tuple(positions.shape)} must be [B, L]")
+        if ((positions < 0) | (positions >= G)).any() or ((codes < 0) | (codes >= self.cfg.codebook_size)).any():
+            raise ValueError(f"positions must lie in [0, {G}) and codes in [0, {self.cfg.codebook_size})")
+        return self.decoder(self.demasker(self.quantize.lookup(codes), positions))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encode(x)
+        return self.decode(enc.codes, enc.positions)
