@@ -1,4 +1,4 @@
-"""python -m mqscale.convert official-stackformer SRC.ckpt OUT_DIR [options]"""
+"""python -m mqscale.convert {official-stackformer SRC.ckpt OUT_DIR | official-mqvae SRC.ckpt CONFIG.yaml OUT_DIR}"""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,29 @@ def official_stackformer(ns: argparse.Namespace) -> int:
     return 0
 
 
+def official_mqvae(ns: argparse.Namespace) -> int:
+    import yaml
+
+    from mqscale.convert.export import save_exported
+    from mqscale.convert.official_mqvae import load_mqvae
+    from mqscale.tokenizer_config import TokenizerRunConfig
+    from mqscale.config import from_dict, to_dict
+
+    sd = load_checkpoint(Path(ns.src), ns.trust_pickle)
+    try:
+        params = yaml.safe_load(Path(ns.config).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{ns.config}: cannot read the official YAML ({e})") from None
+    model = load_mqvae(sd, params or {})
+    run = from_dict({"name": "official-mqvae", "model": to_dict(model.cfg),
+                     "data": {"resolution": model.cfg.resolution}}, "official config", root=TokenizerRunConfig)
+    out = save_exported(model, run, ns.out_dir, source=f"official:{Path(ns.src).name}")
+    c = model.cfg
+    print(f"converted {ns.src} -> {out}: {c.resolution}px, f={c.factor}, grid {c.grid}x{c.grid}, keep {c.keep}, "
+          f"codebook {c.codebook_size}x{c.codebook_dim}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mqscale.convert", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -63,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary pickled objects in SRC (runs code from the file: trust it first)")
     s.set_defaults(func=official_stackformer)
+    m = sub.add_parser("official-mqvae", help="official MaskedVectorQuantizationModel (.ckpt + stage-1 YAML) -> export")
+    m.add_argument("src", help="official checkpoint (.ckpt or a plain state dict)")
+    m.add_argument("config", help="the official stage-1 YAML (model.params with the five *_config entries)")
+    m.add_argument("out_dir", help="output directory (model.safetensors + config.json)")
+    m.add_argument("--trust-pickle", action="store_true",
+                   help="allow arbitrary pickled objects in SRC (runs code from the file: trust it first)")
+    m.set_defaults(func=official_mqvae)
     return p
 
 

@@ -1,0 +1,196 @@
+"""MQ-VAE: shapes, the mask, the de-mask constraint, the EMA codebook, round trips, learning."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mqscale.convert.export import load_exported, save_exported
+from mqscale.models.masking import Demask
+from mqscale.models.mqvae import MQVAE
+from mqscale.models.quantizer import EMAQuantizer
+from mqscale.tokenizer_config import load_tokenizer_config
+
+DEBUG = "configs/mqvae/debug.yaml"
+
+
+def cfg(*overrides):
+    return load_tokenizer_config(DEBUG, list(overrides))
+
+
+def imgs(n=2, res=64, seed=0):
+    return torch.rand(n, 3, res, res, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("levels,res,grid", [([1, 1, 1, 2], 64, 8), ([1, 1, 1, 1, 2], 64, 4), ([1, 2, 2], 64, 16)])
+def test_shapes_for_f8_and_f16(levels, res, grid):
+    c = cfg(f"model.ch_mult={levels}", f"model.resolution={res}", f"data.resolution={res}")
+    m = MQVAE(c.model)
+    assert c.model.grid == grid and c.model.factor == res // grid
+    out = m(imgs(2, res))
+    assert out.recon.shape == (2, 3, res, res)
+    assert out.encoded.codes.shape == out.encoded.positions.shape == (2, c.model.keep)
+    assert out.encoded.scores.shape == (2, grid, grid)
+
+
+def test_exactly_k_unique_ascending_positions():
+    m = MQVAE(cfg().model)
+    enc = m(imgs(4)).encoded
+    assert enc.positions.shape == (4, 64)
+    assert (enc.positions.diff(dim=1) > 0).all()
+    assert ((enc.positions >= 0) & (enc.positions < 256)).all()
+    # the kept cells are the top-scored ones
+    flat = enc.scores.view(4, -1)
+    kth = flat.topk(64, dim=1).values[:, -1:]
+    assert (flat.gather(1, enc.positions) >= kth).all()
+
+
+def test_random_mask_variant():
+    m = MQVAE(cfg("model.mask_type=random").model)
+    enc = m(imgs(2)).encoded
+    assert enc.positions.shape == (2, 64) and (enc.positions.diff(dim=1) > 0).all()
+
+
+def test_score_net_learns_through_the_reconstruction_loss():
+    m = MQVAE(cfg().model)
+    x = imgs(2)
+    out = m(x)
+    ((out.recon - x) ** 2).mean().backward()
+    g = m.masker.score_net[1].weight.grad
+    assert g is not None and g.abs().sum() > 0
+
+
+class _PoisonCell(torch.nn.Module):
+    """Wraps a value projection and adds a large vector at one cell: what a key there carries."""
+
+    def __init__(self, inner, cell):
+        super().__init__()
+        self.inner, self.cell = inner, cell
+
+    def forward(self, x):
+        y = self.inner(x).clone()
+        y[:, :, self.cell[0], self.cell[1]] += 100.0
+        return y
+
+
+def test_demask_attention_ignores_dropped_keys_at_the_first_layer():
+    torch.manual_seed(0)
+    d = Demask(codebook_dim=8, out_dim=32, grid=4, n_layer=1, mask_init=1e-12).eval()
+    pos = torch.tensor([[1, 5, 10]])                      # cell 0 (row 0, col 0) is dropped
+    x, keep = d.scatter(torch.randn(1, 3, 8), pos)
+    h = d.layers[0].resblock(d.conv_in(d.post_projection(x)))
+    attn = d.layers[0].attn
+    w = keep + d.mask_init * (1 - keep)
+    clean = attn(h, key_weight=w)
+    attn.v = _PoisonCell(attn.v, (0, 0))
+    assert (attn(h, key_weight=w) - clean).abs().max() < 1e-6     # the dropped key adds nothing
+    full = torch.ones_like(w)
+    attn.v = attn.v.inner
+    base = attn(h, key_weight=full)
+    attn.v = _PoisonCell(attn.v, (0, 0))
+    assert (attn(h, key_weight=full) - base).abs().max() > 1e-2   # unless its weight is 1
+
+
+def test_attention_weight_multiplies_without_renormalising():
+    torch.manual_seed(1)
+    d = Demask(codebook_dim=8, out_dim=32, grid=2, n_layer=1).eval()
+    attn = d.layers[0].attn
+    h = torch.randn(1, 32, 2, 2)
+    w = torch.tensor([[1.0, 0.5, 0.25, 0.1]])
+    n = attn.norm(h)
+    q, k, v = (m(n).flatten(2)[0].t() for m in (attn.q, attn.k, attn.v))
+    probs = torch.softmax(q @ k.t() / 32 ** 0.5, dim=-1) * w          # not renormalised
+    expected = h + attn.proj_out((probs @ v).t().reshape(1, 32, 2, 2))
+    assert torch.allclose(attn(h, key_weight=w), expected, atol=1e-5)
+
+
+def test_ema_codebook_moves_and_dead_codes_restart():
+    torch.manual_seed(0)
+    q = EMAQuantizer(codebook_size=16, dim=4, decay=0.5)
+    before = q.embed.clone()
+    x = torch.randn(64, 4) + 3.0                 # far from the tiny initial codebook
+    out = q(x)
+    assert not torch.equal(before, q.embed)
+    assert out.restarts > 0                      # most codes got no vector: restarted
+    assert (q.cluster_size >= 1.0).all()
+    # restarted codes sit on the data now
+    assert (q.embed.norm(dim=1) > 2).float().mean() > 0.8
+    q.eval()
+    frozen = q.embed.clone()
+    q(x)
+    assert torch.equal(frozen, q.embed)          # no EMA in eval mode
+
+
+def test_straight_through_gradient_and_commitment():
+    q = EMAQuantizer(codebook_size=8, dim=4)
+    x = torch.randn(10, 4, requires_grad=True)
+    out = q(x)
+    out.quantized.sum().backward()
+    assert torch.allclose(x.grad, torch.ones_like(x))
+    assert out.commit_loss.item() > 0
+
+
+def test_encode_decode_equals_reconstruct_and_training_forward_in_eval():
+    m = MQVAE(cfg().model).eval()
+    x = imgs(3)
+    enc = m.encode(x)
+    a = m.decode(enc.codes, enc.positions)
+    assert torch.allclose(a, m.reconstruct(x))
+    assert torch.allclose(a, m(x).recon, atol=1e-5)
+    shuffled = torch.randperm(enc.codes.shape[1])
+    assert torch.allclose(a, m.decode(enc.codes[:, shuffled], enc.positions[:, shuffled]), atol=1e-5)
+
+
+def test_bad_inputs_get_clear_errors():
+    m = MQVAE(cfg().model)
+    with pytest.raises(ValueError, match="32x32; this tokenizer's config is 64x64"):
+        m(imgs(1, 32))
+    with pytest.raises(ValueError, match="channel count 1"):
+        m(torch.zeros(1, 1, 64, 64))
+    nan = imgs(1)
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        m.encode(nan)
+    with pytest.raises(ValueError, match="positions must lie"):
+        m.decode(torch.zeros(1, 64, dtype=torch.long), torch.full((1, 64), 999))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    c = cfg()
+    m = MQVAE(c.model)
+    m(imgs(4))                                   # move the EMA and BatchNorm statistics
+    m.eval()
+    save_exported(m, c, tmp_path / "tok")
+    again, c2 = load_exported(tmp_path / "tok", expect="mqvae")
+    assert c2 == c
+    x = imgs(2, seed=3)
+    assert torch.equal(m.reconstruct(x), again.reconstruct(x))
+    with pytest.raises(Exception, match="not a mqscale-stackformer"):
+        load_exported(tmp_path / "tok", expect="stackformer")
+
+
+def psnr(a, b):
+    mse = ((a.clamp(-1, 1) - b) ** 2).mean()
+    return (10 * torch.log10(4.0 / mse)).item()
+
+
+def test_tiny_model_overfits_eight_images():
+    torch.manual_seed(0)
+    c = cfg("model.resolution=32", "data.resolution=32")
+    m = MQVAE(c.model)
+    from data_tools.make_shapes import make_image
+    import numpy as np
+    x = torch.stack([torch.from_numpy(np.array(make_image(0, i, 32)[0])).permute(2, 0, 1) for i in range(8)])
+    x = x.float() / 127.5 - 1
+    m.eval()
+    start = psnr(m.reconstruct(x), x)
+    m.train()
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    for _ in range(100):
+        out = m(x)
+        loss = ((out.recon - x) ** 2).mean() + out.commit_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    end = psnr(m.reconstruct(x), x)
+    assert end > start + 5, (start, end)
