@@ -64,8 +64,9 @@ class MQVAE(nn.Module):
         g = self.cfg.grid
         return q, Encoded(q.codes, m.positions, m.scores.detach().view(-1, g, g))
 
-    def forward(self, x: torch.Tensor) -> MQVAEOutput:
-        q, enc = self._encode(x)
+    def forward(self, x: torch.Tensor, update: bool | None = None) -> MQVAEOutput:
+        """Training call; ``update=False`` keeps the EMA codebook still (default: in training)."""
+        q, enc = self._encode(x, update)
         recon = self.decoder(self.demasker(q.quantized, enc.positions))
         return MQVAEOutput(recon, q.commit_loss, enc, q.restarts)
 

@@ -1,0 +1,66 @@
+"""The few collective operations training needs, for any process group or none.
+
+Tokenizer training averages gradients itself (one flattened all-reduce per module) rather than
+wrapping models in DDP: its step runs two optimizers and takes gradients of the decoder's last
+layer twice for the adaptive GAN weight, patterns DDP's reducer does not expect.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Make every rank hold rank 0's parameters and buffers."""
+    if world() == 1:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
+def average_gradients(params) -> None:
+    if world() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world()
+    for g, s in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(s)
+
+
+def all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
+    if world() == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: v / world() for k, v in zip(keys, t.tolist())}
+
+
+class DistStatSync:
+    """Injected into the EMA quantizer: sum codebook statistics, share restart vectors."""
+
+    def all_reduce_sum(self, t: torch.Tensor) -> None:
+        if world() > 1:
+            dist.all_reduce(t)
+
+    def broadcast_from_first(self, t: torch.Tensor) -> None:
+        if world() > 1:
+            dist.broadcast(t, src=0)

@@ -1,0 +1,197 @@
+"""The MQ-VAE training loop: generator and discriminator steps over streamed image shards.
+
+One call, ``train_tokenizer(cfg, session)``, runs on every rank. It knows nothing of Ray: the
+session carries rank, device, metric reports and checkpoints. A checkpoint directory is a
+complete tokenizer export (``model.safetensors`` + ``config.json``, usable as ``--tokenizer``)
+plus ``train_state.pt`` (optimizers, discriminator, step, data position), read back with
+``weights_only=True``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.utils.tensorboard import SummaryWriter
+
+from mqscale.convert.export import WEIGHTS, save_exported
+from mqscale.data.loader import StreamingLoader
+from mqscale.models.lpips import LPIPS, load_lpips
+from mqscale.models.mqvae import MQVAE
+from mqscale.tokenizer_config import TokenizerRunConfig
+from mqscale.train import dist
+from mqscale.train.session import Session, scratch_dir
+from mqscale.train.tokenizer_visuals import sample_grid
+from mqscale.train.vqgan_loss import VQGANLoss
+
+log = logging.getLogger("mqscale.tokenizer")
+STATE = "train_state.pt"
+
+
+def to_images(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [B, H, W, C] -> float [-1, 1] [B, C, H, W], and the valid-row mask."""
+    x = batch["images"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, batch["mask"].to(device)
+
+
+def perceptual(cfg: TokenizerRunConfig) -> LPIPS | None:
+    c = cfg.loss
+    if c.perceptual_weight <= 0:
+        return None
+    if not (c.vgg_weights and c.lpips_weights):
+        if dist.rank() == 0:
+            log.warning("perceptual loss is off: set loss.vgg_weights (torchvision VGG16) and "
+                        "loss.lpips_weights (lpips vgg.pth) to local or fsspec paths to turn it on")
+        return None
+    return load_lpips(c.vgg_weights, c.lpips_weights, cfg.data.storage_options)
+
+
+def learning_rate(cfg: TokenizerRunConfig, world: int, step: int) -> float:
+    o = cfg.optim
+    lr = o.base_lr * (cfg.data.batch_size * world if o.scale_lr else 1)
+    return lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else lr
+
+
+class TokenizerTrainer:
+    def __init__(self, cfg: TokenizerRunConfig, session: Session):
+        self.cfg, self.session = cfg, session
+        self.device = session.device
+        torch.manual_seed(cfg.train.seed)
+        self.model = MQVAE(cfg.model).to(self.device)
+        self.loss = VQGANLoss(cfg.loss, cfg.model.in_channels, perceptual(cfg)).to(self.device)
+        dist.broadcast_module(self.model)
+        dist.broadcast_module(self.loss.discriminator)
+        if session.world > 1:
+            self.model.quantize.sync = dist.DistStatSync()
+        betas = tuple(cfg.optim.betas)
+        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=learning_rate(cfg, session.world, 0), betas=betas)
+        self.opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=learning_rate(cfg, session.world, 0),
+                                      betas=betas)
+        self.loader = StreamingLoader(cfg.data.train_url, cfg.data, session.rank, session.world)
+        self.step = 0
+        self.writer = SummaryWriter(cfg.logging.tensorboard_dir) if session.rank == 0 else None
+        self.amp = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                    if cfg.train.precision == "bf16" else nullcontext())
+        self._restore()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _restore(self) -> None:
+        with self.session.restore() as d:
+            if d is None:
+                return
+            self.model.load_state_dict(load_file(str(Path(d) / WEIGHTS)))
+            st = torch.load(Path(d) / STATE, map_location=self.device, weights_only=True)
+            self.loss.discriminator.load_state_dict(st["discriminator"])
+            self.opt_g.load_state_dict(st["opt_g"])
+            self.opt_d.load_state_dict(st["opt_d"])
+            self.step = int(st["step"])
+            loader_state = dict(st["loader"], rank=self.session.rank, stats=st["loader"]["stats"])
+            self.loader.load_state_dict(loader_state)
+            log.info("resumed from %s at step %d", d, self.step)
+
+    def _checkpoint(self, metrics: dict) -> None:
+        if self.session.rank != 0:
+            self.session.report(metrics)
+            return
+        with scratch_dir() as d:
+            save_exported(self.model, self.cfg, d, source=f"train_tokenizer:{self.cfg.name}:step{self.step}")
+            torch.save({"step": self.step, "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                        "discriminator": self.loss.discriminator.state_dict(),
+                        "loader": self.loader.state_dict()}, Path(d) / STATE)
+            self.session.report(metrics, d)
+
+    # ------------------------------------------------------------------ the step
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        x, mask = to_images(batch, self.device)
+        weight = torch.ones(int(mask.sum()), device=self.device)
+        update = bool(mask.any())
+        if update:
+            x = x[mask]
+        else:  # every row is padding: keep the collectives in step, learn nothing
+            x, weight = x[:1], torch.zeros(1, device=self.device)
+        lr = learning_rate(self.cfg, self.session.world, self.step)
+        for opt in (self.opt_g, self.opt_d):
+            for g in opt.param_groups:
+                g["lr"] = lr
+        with self.amp:
+            out = self.model(x, update=update)
+            loss, logs = self.loss.generator(x, out.recon, out.commit_loss * weight.mean(), weight, self.step,
+                                             self.model.decoder.last_layer)
+        self.opt_g.zero_grad(set_to_none=True)
+        (loss * (1.0 if update else 0.0)).backward()
+        dist.average_gradients(self.model.parameters())
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.opt_g.step()
+        if self.loss.gan_active(self.step):
+            with self.amp:
+                d_loss, d_logs = self.loss.discriminator_loss(x, out.recon, weight)
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            dist.average_gradients(self.loss.discriminator.parameters())
+            self.opt_d.step()
+            logs.update(d_logs)
+        used, ppl = self.model.quantize.usage(out.encoded.codes)
+        mse = ((out.recon.detach().float().clamp(-1, 1) - x) ** 2).mean().clamp_min(1e-12)
+        logs.update({"codebook/usage": used, "codebook/perplexity": ppl, "codebook/restarts": float(out.restarts),
+                     "psnr": (10 * torch.log10(4.0 / mse)).item(), "lr": lr})
+        self._last = (x[:8].detach(), out)
+        return logs
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        cfg, t0, images = self.cfg, time.perf_counter(), 0
+        every = cfg.train.checkpoint_every or math.inf
+        logs: dict[str, float] = {}
+        while self.step < cfg.train.max_steps:
+            for batch in self.loader:
+                logs = self.train_step(batch)
+                images += int(batch["mask"].sum())
+                self.step += 1
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                    self._log(dist.all_reduce_mean(logs, self.device), images * self.session.world / (time.perf_counter() - t0))
+                if cfg.train.image_every and self.step % cfg.train.image_every == 0:
+                    self._log_images()
+                done = self.step >= cfg.train.max_steps
+                if done or self.step % every == 0:
+                    self._checkpoint({"step": self.step, **{k: float(v) for k, v in logs.items()}})
+                if done:
+                    break
+        self._log_images()
+        if self.writer is not None:
+            self.writer.close()
+        return {"step": self.step, **logs}
+
+    def _log(self, logs: dict[str, float], images_per_s: float) -> None:
+        stats = self.loader.stats()
+        if self.writer is None:
+            return
+        for k, v in logs.items():
+            self.writer.add_scalar(k, v, self.step)
+        self.writer.add_scalar("perf/images_per_s", images_per_s, self.step)
+        for k in ("invalid_samples", "undecodable", "corrupt_shards", "refused_members", "padding"):
+            self.writer.add_scalar(f"data/{k}", stats[k], self.step)
+        log.info("step %d  g %.4f  psnr %.2f  usage %.2f  %.1f img/s", self.step,
+                 logs.get("loss/total_g", float("nan")), logs.get("psnr", float("nan")),
+                 logs.get("codebook/usage", float("nan")), images_per_s)
+
+    def _log_images(self) -> None:
+        if self.writer is None or not hasattr(self, "_last"):
+            return
+        x, out = self._last
+        n = x.shape[0]
+        grid = sample_grid(x, out.encoded.scores[:n], out.encoded.positions[:n], out.recon[:n].detach(),
+                           self.cfg.model.grid)
+        self.writer.add_image("samples/input|importance|kept|reconstruction", grid, self.step)
+        self.writer.flush()
+
+
+def train_tokenizer(cfg: TokenizerRunConfig, session: Session) -> dict:
+    return TokenizerTrainer(cfg, session).fit()
