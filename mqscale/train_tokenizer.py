@@ -1,10 +1,54 @@
-"""python -m mqscale.train_tokenizer — train the MQ-VAE tokenizer under Ray Train.
+"""python -m mqscale.train_tokenizer --config configs/mqvae/<name>.yaml [section.key=value ...]
 
-Not built yet: issue #4 builds it. Until then it says so in one line and exits non-zero.
+Trains the MQ-VAE under Ray Train: ``ray.num_workers`` workers (a local Ray, or the cluster at
+``ray.address`` / under ``ray job submit``), image shards streamed from ``data.train_url``,
+checkpoints (each a complete tokenizer export) in ``ray.storage_path/<name>``, resumed
+automatically, and TensorBoard logs in ``logging.tensorboard_dir``.
 """
-from mqscale.cli import not_built
+from __future__ import annotations
 
-main = not_built("mqscale.train_tokenizer", 4)
+import argparse
+import logging
+
+from mqscale.cli import add_config_args, config_from_args, guarded
+from mqscale.config import to_dict
+from mqscale.tokenizer_config import TokenizerRunConfig
+
+
+def worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    from mqscale.config import from_dict
+    from mqscale.train.ray_session import RaySession
+    from mqscale.train.tokenizer_trainer import train_tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = from_dict(config, "train_loop_config", root=TokenizerRunConfig)
+    train_tokenizer(cfg, RaySession())
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mqscale.train_tokenizer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, default="configs/mqvae/debug.yaml")
+    ns = p.parse_args(argv)
+    cfg = config_from_args(ns, TokenizerRunConfig)
+    from mqscale.cli import UserError
+    if not cfg.data.train_url:
+        raise UserError("data.train_url is empty: point it at image shards (e.g. from data_tools.make_shapes)")
+    from mqscale.data.loader import resolve_source
+    src = resolve_source(cfg.data.train_url, "images", cfg.data.storage_options)  # fail here, not in a worker
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from mqscale.train.ray_launch import launch
+    result = launch(worker, to_dict(cfg), cfg.ray, cfg.checkpoint, cfg.name)
+    ckpt = getattr(result, "checkpoint", None)
+    err = getattr(result, "error", None)
+    if err is not None:
+        print(f"training failed: {err}")
+        return 1
+    print(f"trained {cfg.name} on {src.total} images; tokenizer checkpoint: {ckpt.path if ckpt else 'none'}")
+    return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
