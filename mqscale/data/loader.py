@@ -195,7 +195,10 @@ class StreamingLoader:
             self.set_epoch(self.epoch + 1)
         stream = _SlotStream(self.src, self.cfg, self.rank, self.world, self.epoch, self.batches)
         n = self.cfg.num_workers
+        # its own generator: a DataLoader iterator otherwise draws from the global RNG, which would
+        # make a resumed training run's random stream differ from an uninterrupted one
         dl = DataLoader(stream, batch_size=None, num_workers=n, pin_memory=self.pin_memory,
+                        generator=torch.Generator().manual_seed(self.cfg.seed),
                         prefetch_factor=self.cfg.prefetch_factor if n else None,
                         multiprocessing_context=mp.get_context(self.cfg.worker_start) if n else None)
         it = iter(dl)

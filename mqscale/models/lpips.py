@@ -35,6 +35,7 @@ class LPIPS(nn.Module):
         self.features = nn.Sequential(*layers)
         for i, ch in enumerate(CHANNELS):
             setattr(self, f"lin{i}", _Lin(ch))
+            nn.init.constant_(getattr(self, f"lin{i}").model[1].weight, 1.0 / ch)  # non-negative, as trained heads are
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         self.requires_grad_(False)

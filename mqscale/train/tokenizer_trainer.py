@@ -90,6 +90,7 @@ class TokenizerTrainer:
             self.opt_g.load_state_dict(st["opt_g"])
             self.opt_d.load_state_dict(st["opt_d"])
             self.step = int(st["step"])
+            torch.set_rng_state(st["rng"])  # code restarts draw from it: resume exactly
             loader_state = dict(st["loader"], rank=self.session.rank, stats=st["loader"]["stats"])
             self.loader.load_state_dict(loader_state)
             log.info("resumed from %s at step %d", d, self.step)
@@ -102,7 +103,7 @@ class TokenizerTrainer:
             save_exported(self.model, self.cfg, d, source=f"train_tokenizer:{self.cfg.name}:step{self.step}")
             torch.save({"step": self.step, "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                         "discriminator": self.loss.discriminator.state_dict(),
-                        "loader": self.loader.state_dict()}, Path(d) / STATE)
+                        "loader": self.loader.state_dict(), "rng": torch.get_rng_state()}, Path(d) / STATE)
             self.session.report(metrics, d)
 
     # ------------------------------------------------------------------ the step

@@ -1,0 +1,120 @@
+"""Tokenizer training: losses, LPIPS loading, the loop with checkpoints/resume and TensorBoard."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from data_tools.make_shapes import write_shapes
+from mqscale.convert.export import load_exported
+from mqscale.models.lpips import LPIPS, load_lpips
+from mqscale.tokenizer_config import LossConfig, load_tokenizer_config
+from mqscale.train.session import LocalSession
+from mqscale.train.tokenizer_trainer import TokenizerTrainer, train_tokenizer
+from mqscale.train.vqgan_loss import VQGANLoss
+
+
+def test_lpips_is_a_distance_with_gradients():
+    torch.manual_seed(0)
+    lp = LPIPS()
+    a = torch.rand(2, 3, 32, 32) * 2 - 1
+    b = (a + 0.3 * torch.randn_like(a)).requires_grad_(True)
+    assert torch.allclose(lp(a, a), torch.zeros(2), atol=1e-6)
+    d = lp(a, b)
+    assert (d > 0).all()
+    d.sum().backward()
+    assert b.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in lp.parameters())
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_lpips_weights_load_from_files(tmp_path, fmt):
+    torch.manual_seed(1)
+    src = LPIPS()
+    for p in src.parameters():
+        p.data.normal_()
+    sd = src.state_dict()
+    vgg = {k: v for k, v in sd.items() if k.startswith("features.")}
+    lin = {k: v for k, v in sd.items() if k.startswith("lin")}
+    if fmt == "safetensors":
+        save_file(vgg, str(tmp_path / "vgg.safetensors"))
+        save_file(lin, str(tmp_path / "lin.safetensors"))
+        paths = (str(tmp_path / "vgg.safetensors"), str(tmp_path / "lin.safetensors"))
+    else:
+        torch.save(vgg, tmp_path / "vgg16.pth")
+        torch.save(lin, tmp_path / "vgg.pth")
+        paths = (str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"))
+    got = load_lpips(*paths)
+    a, b = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    assert torch.allclose(got(a, b), src(a, b))
+    with pytest.raises(ValueError, match="not a VGG16 features"):
+        load_lpips(paths[1], paths[1])
+
+
+def test_generator_loss_terms_and_adaptive_weight():
+    torch.manual_seed(0)
+    loss = VQGANLoss(LossConfig(disc_start=2, disc_channels=16, disc_layers=2), lpips=LPIPS())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    last = torch.nn.Parameter(torch.randn(3, 3))
+    recon = torch.einsum("bchw,cd->bdhw", x, last)
+    commit = torch.tensor(0.1)
+    w = torch.ones(2)
+    before, logs = loss.generator(x, recon, commit, w, step=0, last_layer=last)
+    assert "loss/gan_g" not in logs and "loss/perceptual" in logs
+    after, logs = loss.generator(x, recon, commit, w, step=5, last_layer=last)
+    assert "loss/gan_g" in logs and 0 <= logs["loss/adaptive_weight"] <= 1e4
+    d, dlogs = loss.discriminator_loss(x, recon, w)
+    assert d.item() > 0 and "disc/logits_real" in dlogs
+    # padding rows weigh nothing
+    masked, _ = loss.generator(x, recon, commit, torch.tensor([1.0, 0.0]), step=0, last_layer=last)
+    single, _ = loss.generator(x[:1], recon[:1], commit, torch.ones(1), step=0, last_layer=last)
+    assert torch.allclose(masked, single, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("shapes32"))
+    write_shapes(d, 96, resolution=32, shard_size=32, progress=False)
+    return d
+
+
+def cfg(shapes, tmp, *extra):
+    return load_tokenizer_config("configs/mqvae/debug.yaml", [
+        f"data.train_url={shapes}", "data.num_workers=0", "data.resolution=32", "model.resolution=32",
+        "data.batch_size=8", f"logging.tensorboard_dir={tmp}/tb", "train.log_every=2", "train.image_every=3",
+        *extra])
+
+
+def test_loop_logs_checkpoints_and_resumes_exactly(shapes, tmp_path):
+    c = cfg(shapes, tmp_path, "train.max_steps=6", "train.checkpoint_every=3")
+    res = train_tokenizer(c, LocalSession(str(tmp_path / "ckpt")))
+    assert res["step"] == 6 and "codebook/usage" in res and "loss/disc" in res
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    tags = ea.Tags()
+    for t in ("loss/pixel", "loss/commit", "loss/gan_g", "loss/disc", "codebook/usage", "codebook/perplexity",
+              "codebook/restarts", "psnr", "perf/images_per_s"):
+        assert t in tags["scalars"], t
+    assert [e.step for e in ea.Scalars("psnr")] == [2, 4, 6]
+    assert "samples/input|importance|kept|reconstruction" in tags["images"]
+    # the checkpoint is a tokenizer export
+    tok, tcfg = load_exported(tmp_path / "ckpt" / "checkpoint_000000006", expect="mqvae")
+    assert tcfg.model.resolution == 32
+    # resume from step 3 and run to 6: same weights as the uninterrupted run
+    import shutil
+    shutil.rmtree(tmp_path / "ckpt" / "checkpoint_000000006")
+    again = TokenizerTrainer(cfg(shapes, tmp_path / "b", "train.max_steps=6", "train.checkpoint_every=3"),
+                             LocalSession(str(tmp_path / "ckpt")))
+    assert again.step == 3
+    again.fit()
+    for (k, a), b in zip(tok.state_dict().items(), again.model.state_dict().values()):
+        assert torch.allclose(a, b.cpu(), atol=1e-5), k
+
+
+def test_missing_perceptual_weights_warn_once(shapes, tmp_path, caplog):
+    c = cfg(shapes, tmp_path, "train.max_steps=1", "loss.perceptual_weight=1.0")
+    with caplog.at_level("WARNING"):
+        t = TokenizerTrainer(c, LocalSession(str(tmp_path / "ck")))
+    assert t.loss.lpips is None
+    assert sum("perceptual loss is off" in r.message for r in caplog.records) == 1
