@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from mqscale.models.vqgan import AttnBlock, ResnetBlock
+from mqscale.models.vqgan import BOOKKEEPING, AttnBlock, ResnetBlock
 
 
 @dataclass
@@ -49,11 +49,13 @@ class AdaptiveMask(nn.Module):
             scores = torch.rand(B, H * W, device=h.device)
         else:
             scores = self.score_net(h).view(B, H * W)
-        positions = scores.detach().topk(self.keep, dim=1).indices.sort(dim=1).values
-        kept = h.flatten(2).transpose(1, 2).gather(1, positions[..., None].expand(-1, -1, C))
+        with torch.profiler.record_function(BOOKKEEPING):
+            positions = scores.detach().topk(self.keep, dim=1).indices.sort(dim=1).values
+            kept = h.flatten(2).transpose(1, 2).gather(1, positions[..., None].expand(-1, -1, C))
+            kept_scores = None if self.random else scores.gather(1, positions)[..., None]
         kept = self.norm(kept)
-        if not self.random:
-            kept = kept * scores.gather(1, positions)[..., None]
+        if kept_scores is not None:
+            kept = kept * kept_scores
         return MaskOutput(self.pre_projection(kept), positions, scores)
 
 
@@ -78,16 +80,20 @@ class Demask(nn.Module):
         """Quantized vectors back on the grid, mask token elsewhere: ([B, d, H, W], keep [B, N])."""
         B, L, d = quant.shape
         N = self.grid * self.grid
-        full = self.mask_token.to(quant.dtype).expand(B, N, d)
-        full = full.scatter(1, positions[..., None].expand(-1, -1, d), quant)
-        keep = torch.zeros(B, N, device=quant.device, dtype=quant.dtype).scatter(1, positions, 1.0)
-        return full.transpose(1, 2).reshape(B, d, self.grid, self.grid), keep
+        with torch.profiler.record_function(BOOKKEEPING):
+            full = self.mask_token.to(quant.dtype).expand(B, N, d)
+            full = full.scatter(1, positions[..., None].expand(-1, -1, d), quant)
+            keep = torch.zeros(B, N, device=quant.device, dtype=quant.dtype).scatter(1, positions, 1.0)
+            full = full.transpose(1, 2).reshape(B, d, self.grid, self.grid)
+        return full, keep
 
     def forward(self, quant: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, keep = self.scatter(quant, positions)
         x = self.conv_in(self.post_projection(x))
-        weight = keep + self.mask_init * (1.0 - keep)
-        for layer in self.layers:
+        with torch.profiler.record_function(BOOKKEEPING):
+            weights = [keep + self.mask_init * (1.0 - keep)]
+            for _ in range(len(self.layers) - 1):
+                weights.append(weights[-1].sqrt())
+        for layer, weight in zip(self.layers, weights):
             x = layer.attn(layer.resblock(x), key_weight=weight)
-            weight = weight.sqrt()
         return self.last_resblock(x)

@@ -12,6 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Profiler label for the MQ-VAE's mask/de-mask bookkeeping (selection, gathers, scatters, key
+# weights), which bench/mqvae.py measures as a share of the step: it must stay small next to the convs.
+BOOKKEEPING = "mqvae.mask_bookkeeping"
 
 def norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
@@ -61,7 +64,8 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         q, k, v = (m(h).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # [B,1,HW,C]
         if key_weight is not None:
-            v = v * key_weight[:, None, :, None].to(v.dtype)
+            with torch.profiler.record_function(BOOKKEEPING):
+                v = v * key_weight[:, None, :, None].to(v.dtype)
         y = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj_out(y[:, 0].transpose(1, 2).reshape(B, C, H, W))
 
