@@ -17,6 +17,11 @@ from mqscale.config import CheckpointConfig, RayConfig
 log = logging.getLogger("mqscale.ray")
 
 
+def absolute(path: str) -> str:
+    """Ray workers run in their own directories: local paths must not be relative."""
+    return path if not path or "://" in path else str(Path(path).resolve())
+
+
 def storage(path: str, storage_options: dict) -> tuple[str, object | None]:
     """(storage_path, storage_filesystem) for RunConfig."""
     if "://" not in path or path.startswith("file://"):
