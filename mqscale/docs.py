@@ -23,12 +23,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def reference_markdown() -> str:
-    """The config reference table for the README (kept in sync by a test)."""
+def reference_markdown(root: type = Config) -> str:
+    """The config reference table of a run config class for the README (kept in sync by a test)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     hints_of = typing.get_type_hints
-    for sec in dataclasses.fields(Config):
-        cls = hints_of(Config)[sec.name]
+    for sec in dataclasses.fields(root):
+        cls = hints_of(root)[sec.name]
         if not dataclasses.is_dataclass(cls):
             lines.append(f"| `{sec.name}` | {cls.__name__} | `{sec.default}` | {sec.metadata.get('doc', '')} |")
             continue
@@ -44,17 +44,24 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+def tables() -> dict[str, str]:
+    from mqscale.tokenizer_config import TokenizerRunConfig
+    return {"config-reference": reference_markdown(Config),
+            "tokenizer-config-reference": reference_markdown(TokenizerRunConfig)}
 
 
-def readme_block(text: str) -> str:
-    m = re.search(re.escape(START) + r"\n(.*?)\n" + re.escape(END), text, flags=re.S)
+def readme_block(text: str, name: str = "config-reference") -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    m = re.search(re.escape(start) + r"\n(.*?)\n" + re.escape(end), text, flags=re.S)
     return m.group(1) if m else ""
 
 
 def update(path: Path) -> bool:
-    text = path.read_text()
-    new = text.replace(f"{START}\n{readme_block(text)}\n{END}", f"{START}\n{reference_markdown()}\n{END}")
+    text = new = path.read_text()
+    for name, table in tables().items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{table}\n{end}",
+                     new, flags=re.S)
     path.write_text(new)
     return new != text
 

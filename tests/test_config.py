@@ -129,7 +129,31 @@ def test_cli_prints_one_line_and_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_readme_config_reference_is_current():
-    from mqscale.docs import readme_block, reference_markdown
-    block = readme_block((ROOT / "README.md").read_text())
-    assert block == reference_markdown(), "run: python -m mqscale.docs"
+def test_readme_config_references_are_current():
+    from mqscale.docs import readme_block, tables
+    text = (ROOT / "README.md").read_text()
+    for name, table in tables().items():
+        assert readme_block(text, name) == table, f"{name}: run python -m mqscale.docs"
+
+
+@pytest.mark.parametrize("overrides,fragments", [
+    (["model.ch=48"], ["model.ch", "multiples of 32"]),
+    (["model.mask_ratio=0.001"], ["model.mask_ratio", "keeps no cell"]),
+    (["data.resolution=32"], ["data.resolution", "model.resolution=64"]),
+    (["data.kind=tokens"], ["data.kind", "trains on images"]),
+    (["model.resolution=62", "data.resolution=62"], ["model.resolution", "not divisible by f = 4"]),
+    (["loss.recon=l3"], ["loss.recon", "not one of"]),
+])
+def test_tokenizer_config_errors(overrides, fragments):
+    from mqscale.tokenizer_config import load_tokenizer_config
+    with pytest.raises(ConfigError) as e:
+        load_tokenizer_config("configs/mqvae/debug.yaml", overrides)
+    for f in fragments:
+        assert f in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("name", ["debug", "demo", "f8_r25", "f8_r30", "f16_r50"])
+def test_tokenizer_configs_load(name):
+    from mqscale.tokenizer_config import load_tokenizer_config
+    c = load_tokenizer_config(f"configs/mqvae/{name}.yaml")
+    assert c.model.keep >= 1
