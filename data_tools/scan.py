@@ -16,7 +16,7 @@ from mqscale.data.images import decode_image_sample
 from mqscale.data.loader import Source, resolve_source
 from mqscale.data.manifest import read_manifest, sha256_url
 from mqscale.data.tario import ReadStats, iter_samples
-from mqscale.data.tokens import HEADER_KEY, decode_chunk
+from mqscale.data.tokens import HEADER_KEY, decode_chunk, mask_map
 
 
 @dataclass
@@ -55,13 +55,6 @@ class Report:
         else:
             out["image_sizes"] = {f"{w}x{h}": n for (w, h), n in self.sizes.most_common(5)}
         return out
-
-
-def mask_map(mask_mean: np.ndarray) -> list[str]:
-    """ASCII heat map of the mean kept-position map (darker = kept more often)."""
-    ramp = " .:-=+*#%@"
-    hi = mask_mean.max() or 1.0
-    return ["".join(ramp[min(9, int(v / hi * 9.999))] for v in row) for row in mask_mean]
 
 
 def scan(url: str, storage_options: dict | None = None, check_sha: bool = False) -> tuple[Report, Source]:

@@ -1,10 +1,74 @@
-"""python -m mqscale.tokenize — pre-tokenize image shards into masked code/position token shards.
+"""python -m mqscale.tokenize --tokenizer CKPT --input URL_OR_MANIFEST --output URL [options]
 
-Not built yet: issue #5 builds it. Until then it says so in one line and exits non-zero.
+Pre-tokenizes image shards once into token shards (codes + raster-ordered positions + the
+condition) with a frozen MQ-VAE: input shard i becomes output shard i, each committed
+atomically; a rerun keeps shards that are complete and verified, so a killed run is finished by
+running it again, byte-identically. Runs on a local Ray by default (``--workers`` actors, each
+holding the model), on a cluster with ``--address``, or in this process with ``--workers 0``.
 """
-from mqscale.cli import not_built
+from __future__ import annotations
 
-main = not_built("mqscale.tokenize", 5)
+import argparse
+import json
+
+import numpy as np
+
+from mqscale.cli import UserError, guarded
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mqscale.tokenize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="exported tokenizer (a train_tokenizer checkpoint or "
+                   "the output of `mqscale.convert official-mqvae`)")
+    p.add_argument("--input", required=True, help="image shards: manifest, its directory, or a brace pattern")
+    p.add_argument("--output", required=True, help="output URL for token shards + manifest.json")
+    p.add_argument("--workers", type=int, default=1, help="Ray actors (0: run in this process, no Ray)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cond", default="auto", choices=["auto", "none", "class", "text"],
+                   help="auto: class when the input has a class map or labels, else text when it has captions")
+    p.add_argument("--flip", action="store_true", help="also tokenize each image's mirror (training picks one)")
+    p.add_argument("--text-tokenizer", default="bytes", help="'bytes' or a HuggingFace tokenizers JSON path")
+    p.add_argument("--text-len", type=int, default=32, help="T: text ids per caption (paper: 32)")
+    p.add_argument("--on-size-mismatch", default="resize", choices=["resize", "skip"],
+                   help="an image not at the tokenizer's resolution is resized + center-cropped, or skipped")
+    p.add_argument("--chunk-size", type=int, default=256, help="sequences per tar member")
+    p.add_argument("--storage-options", default="{}", help="JSON fsspec options for input and output")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    from mqscale.data.tokens import mask_map
+    from mqscale.pretokenize import Options, run
+    from mqscale.train.ray_launch import absolute
+
+    try:
+        so = json.loads(ns.storage_options)
+    except ValueError as e:
+        raise UserError(f"--storage-options is not JSON ({e})") from None
+    if ns.workers < 0 or ns.batch_size < 1 or ns.chunk_size < 1 or ns.text_len < 1:
+        raise UserError("--workers must be >= 0 and --batch-size, --chunk-size, --text-len >= 1")
+    opts = Options(tokenizer=absolute(ns.tokenizer), input=absolute(ns.input), output=absolute(ns.output),
+                   cond=ns.cond, flip=ns.flip, text_tokenizer=ns.text_tokenizer if ns.text_tokenizer == "bytes"
+                   else absolute(ns.text_tokenizer), text_len=ns.text_len, on_size_mismatch=ns.on_size_mismatch,
+                   batch_size=ns.batch_size, chunk_size=ns.chunk_size, storage_options=so)
+    s = run(opts, ns.workers, ns.address, progress=not ns.no_progress)
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(s.skipped.items())) or "none"
+    print(f"{s.shards} token shards -> {s.manifest} (written {s.written}, kept {s.kept})")
+    print(f"images in: {s.images_in}, sequences out: {s.sequences_out}, skipped: {skipped}; "
+          f"{s.images_per_s:.1f} images/s")
+    if s.written:
+        g = int(len(s.mask_mean) ** 0.5)
+        print(f"codebook usage: {s.codebook_used}/{s.codebook_size} ({100 * s.codebook_used / s.codebook_size:.1f}%)")
+        print("mean kept-position map:")
+        for line in mask_map(np.array(s.mask_mean).reshape(g, g)):
+            print("  " + line)
+    return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

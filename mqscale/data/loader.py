@@ -115,7 +115,8 @@ class _SlotStream(IterableDataset):
         slot = self.rank * W + logical
         stats = ReadStats()
         reader = ShardReader(ReaderSpec(self.src.kind, self.src.meta, self.cfg.resolution,
-                                        self.cfg.storage_options, self.cfg.on_shard_error), stats)
+                                        self.cfg.storage_options, self.cfg.on_shard_error,
+                                        flip_key=(self.cfg.seed, self.epoch)), stats)
         start_row = done * B
         window_start = (start_row // S) * S
         common = dict(window=S, start_row=start_row, seed=self.cfg.seed, slot=slot, shuffle=self.cfg.shuffle)

@@ -50,6 +50,7 @@ class ReaderSpec:
     storage_options: dict | None = None
     on_shard_error: str = "fail"    # fail | skip
     block_rows: int = 64            # images decoded per block
+    flip_key: tuple[int, int] = (0, 0)  # (seed, epoch): which twin a flip-augmented row yields
 
 
 class ShardReader:
@@ -130,7 +131,13 @@ class ShardReader:
             lo, hi = max(start, pos), min(end, pos + len(block))
             if lo < hi:
                 sel = slice(lo - pos, hi - pos)
-                b = {"codes": block.codes[sel], "positions": block.positions[sel], "labels": block.labels[sel]}
+                codes, positions = block.codes[sel], block.positions[sel]
+                if meta.flip:  # one twin per row and epoch, a pure function of (seed, epoch, sample)
+                    ids = shard.offset + np.arange(lo, hi)
+                    use = flip_choice(ids, *self.spec.flip_key)[:, None]
+                    codes = np.where(use, block.codes_flip[sel], codes)
+                    positions = np.where(use, block.positions_flip[sel], positions)
+                b = {"codes": codes, "positions": positions, "labels": block.labels[sel]}
                 if meta.cond == "text":
                     b["text"] = block.text[sel]
                 b["valid"] = block.valid[sel]
@@ -195,6 +202,16 @@ class ShardReader:
         extra = [e for e in members if e not in known]
         if extra:
             self.stats.unknown_members += len(extra)
+
+
+def flip_choice(sample_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """A fair coin per (seed, epoch, sample id), independent of reading order."""
+    salt = ((seed * 1_000_003 + epoch * 7919 + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = sample_ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x ^= np.uint64(salt)
+    x ^= x >> np.uint64(31)
+    x *= np.uint64(0x94D049BB133111EB)
+    return ((x >> np.uint64(33)) & np.uint64(1)).astype(bool)
 
 
 class RowQueue:

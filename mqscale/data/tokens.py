@@ -12,6 +12,8 @@ It is still a plain tar in the WebDataset layout: ``tar -t`` lists it and ``webd
     000000.posbits.npy              uint8 [N, ceil(G/8)], bit p set = position p kept
     000000.labels.npy               int32 [N]      (class condition)
     000000.text.npy                 int32 [N, T]   (text condition)
+    000000.codes_flip.npy           the mirrored image's codes and positions (flip augmentation)
+    000000.posbits_flip.npy
     000000.keys.txt                 N source keys, one per line (optional)
     000001.codes.npy ...
 
@@ -44,6 +46,7 @@ class TokenMeta:
     text_vocab_size: int = 0
     text_tokenizer: str = ""       # identity of the text tokenizer (name + checksum)
     tokenizer_sha256: str = ""     # checksum of the MQ-VAE that produced the codes
+    flip: bool = False             # each row also holds its mirrored image's sequence
 
     @property
     def n_positions(self) -> int:
@@ -70,6 +73,8 @@ class TokenBlock:
     labels: np.ndarray       # [n] int32 (zeros without a class condition)
     text: np.ndarray | None  # [n, T] int32
     valid: np.ndarray        # [n] bool
+    codes_flip: np.ndarray | None = None
+    positions_flip: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -121,14 +126,17 @@ def check_sequences(meta: TokenMeta, codes: np.ndarray, positions: np.ndarray) -
 
 
 def encode_chunk(meta: TokenMeta, codes, positions, labels=None, text=None,
-                 keys: list[str] | None = None) -> list[tuple[str, bytes]]:
+                 keys: list[str] | None = None, codes_flip=None, positions_flip=None) -> list[tuple[str, bytes]]:
     """Members (ext, bytes) of one chunk; refuses sequences that a reader would reject."""
-    codes, positions = np.asarray(codes), np.asarray(positions)
-    bad = ~check_sequences(meta, codes, positions)
-    if bad.any():
-        raise ValueError(f"{int(bad.sum())} sequences are invalid for {meta} (first row {int(np.argmax(bad))})")
-    out = [("codes.npy", npy_bytes(codes.astype(code_dtype(meta.codebook_size)))),
-           ("posbits.npy", npy_bytes(positions_to_bits(positions, meta.n_positions)))]
+    out = []
+    pairs = [("", codes, positions)] + ([("_flip", codes_flip, positions_flip)] if meta.flip else [])
+    for suffix, c, p in pairs:
+        c, p = np.asarray(c), np.asarray(p)
+        bad = ~check_sequences(meta, c, p)
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} sequences{suffix} are invalid for {meta} (first row {int(np.argmax(bad))})")
+        out += [(f"codes{suffix}.npy", npy_bytes(c.astype(code_dtype(meta.codebook_size)))),
+                (f"posbits{suffix}.npy", npy_bytes(positions_to_bits(p, meta.n_positions)))]
     if meta.cond == "class":
         out.append(("labels.npy", npy_bytes(np.asarray(labels, dtype=np.int32))))
     if meta.cond == "text":
@@ -151,6 +159,14 @@ def decode_chunk(meta: TokenMeta, members: dict[str, bytes], stats: ReadStats, w
         labels = (npy_load(members["labels.npy"]).astype(np.int32) if meta.cond == "class"
                   else np.zeros(n, dtype=np.int32))
         text = npy_load(members["text.npy"]).astype(np.int32) if meta.cond == "text" else None
+        codes_f = positions_f = None
+        if meta.flip:
+            codes_f = npy_load(members["codes_flip.npy"])
+            positions_f, ok_f = bits_to_positions(npy_load(members["posbits_flip.npy"]), meta.n_positions,
+                                                  meta.seq_len)
+            if len(codes_f) != n:
+                raise ValueError(f"flip arrays hold {len(codes_f)} rows, not {n}")
+            ok = ok & ok_f & check_sequences(meta, codes_f, positions_f)
     except (KeyError, ValueError, OSError) as e:
         stats.undecodable += 1
         stats.note(f"{where}: undecodable chunk ({type(e).__name__}: {e})")
@@ -167,27 +183,32 @@ def decode_chunk(meta: TokenMeta, members: dict[str, bytes], stats: ReadStats, w
     if not ok.all():
         stats.invalid_samples += int((~ok).sum())
         stats.note(f"{where}: {int((~ok).sum())} invalid sequences skipped")
-    return TokenBlock(codes, positions, labels, text, ok)
+    return TokenBlock(codes, positions, labels, text, ok, codes_f, positions_f)
 
 
-def header_bytes(meta: TokenMeta, shard_index: int, n: int, chunk_size: int) -> bytes:
-    """Chunk i holds rows [i * chunk_size, ...): a reader places rows without trusting a chunk."""
+def header_bytes(meta: TokenMeta, shard_index: int, n: int, chunk_size: int, extra: dict | None = None) -> bytes:
+    """Chunk i holds rows [i * chunk_size, ...): a reader places rows without trusting a chunk.
+    ``extra`` records provenance (the input shard and its checksum, the run's options)."""
     return json.dumps({"format": TOKENS_FORMAT, "shard": shard_index, "n": n, "chunk_size": chunk_size,
-                       **meta.to_dict()}).encode()
+                       **meta.to_dict(), **(extra or {})}, sort_keys=True).encode()
 
 
 class TokenShardWriter:
     """Stream sequences into one token shard (a tar), ``chunk_size`` sequences per member."""
 
-    def __init__(self, f: IO[bytes], meta: TokenMeta, shard_index: int, n: int, chunk_size: int = 256):
+    def __init__(self, f: IO[bytes], meta: TokenMeta, shard_index: int, n: int, chunk_size: int = 256,
+                 extra_header: dict | None = None):
         self.meta, self.chunk_size, self.expected = meta, chunk_size, n
         self.tar = TarWriter(f)
-        self.tar.add(f"{HEADER_KEY}.json", header_bytes(meta, shard_index, n, chunk_size))
-        self.buf: dict[str, list] = {"codes": [], "positions": [], "labels": [], "text": [], "keys": []}
+        self.tar.add(f"{HEADER_KEY}.json", header_bytes(meta, shard_index, n, chunk_size, extra_header))
+        self.buf: dict[str, list] = {k: [] for k in ("codes", "positions", "labels", "text", "keys",
+                                                    "codes_flip", "positions_flip")}
         self.written = self.chunks = 0
 
-    def add(self, codes, positions, label=None, text=None, key: str | None = None) -> None:
-        for name, v in (("codes", codes), ("positions", positions), ("labels", label), ("text", text), ("keys", key)):
+    def add(self, codes, positions, label=None, text=None, key: str | None = None,
+            codes_flip=None, positions_flip=None) -> None:
+        for name, v in (("codes", codes), ("positions", positions), ("labels", label), ("text", text), ("keys", key),
+                        ("codes_flip", codes_flip), ("positions_flip", positions_flip)):
             self.buf[name].append(v)
         if len(self.buf["codes"]) >= self.chunk_size:
             self._flush()
@@ -197,9 +218,12 @@ class TokenShardWriter:
         if not b["codes"]:
             return
         keys = b["keys"] if all(k is not None for k in b["keys"]) else None
+        flip = self.meta.flip
         members = encode_chunk(self.meta, np.stack(b["codes"]), np.stack(b["positions"]),
                                b["labels"] if self.meta.cond == "class" else None,
-                               np.stack(b["text"]) if self.meta.cond == "text" else None, keys)
+                               np.stack(b["text"]) if self.meta.cond == "text" else None, keys,
+                               np.stack(b["codes_flip"]) if flip else None,
+                               np.stack(b["positions_flip"]) if flip else None)
         for ext, data in members:
             self.tar.add(f"{self.chunks:06d}.{ext}", data)
         self.written += len(b["codes"])
@@ -212,3 +236,10 @@ class TokenShardWriter:
             raise ValueError(f"token shard got {self.written} sequences, header says {self.expected}")
         self.tar.close()
         return self.written
+
+
+def mask_map(mask_mean: np.ndarray) -> list[str]:
+    """ASCII heat map of a mean kept-position map [g, g] (denser character = kept more often)."""
+    ramp = " .:-=+*#%@"
+    hi = float(mask_mean.max()) or 1.0
+    return ["".join(ramp[min(9, int(v / hi * 9.999))] for v in row) for row in mask_mean]

@@ -1,0 +1,246 @@
+"""Pre-tokenization: exact codes, atomic idempotent reruns, kill + restart, S3, Ray, bad input, flip, text."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_tools.make_shapes import write_shapes
+from mqscale.config import DataConfig
+from mqscale.convert.export import load_exported, save_exported
+from mqscale.data.loader import StreamingLoader
+from mqscale.data.manifest import read_manifest
+from mqscale.data.tario import ReadStats, iter_samples
+from mqscale.data.tokens import TokenMeta, decode_chunk
+from mqscale.models.mqvae import MQVAE
+from mqscale.tokenize import main as tokenize_main
+from mqscale.tokenizer_config import load_tokenizer_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    cfg = load_tokenizer_config("configs/mqvae/demo.yaml")
+    torch.manual_seed(0)
+    model = MQVAE(cfg.model).eval()
+    save_exported(model, cfg, d / "tok")
+    return str(d / "tok")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("shapes"))
+    write_shapes(d, 70, resolution=32, shard_size=20, progress=False)
+    return d
+
+
+def run(tok, inp, out, *extra):
+    return tokenize_main(["--tokenizer", tok, "--input", inp, "--output", str(out), "--workers", "0",
+                          "--no-progress", *extra])
+
+
+def rows(url: str) -> dict:
+    """All decoded rows of a token set, by source key."""
+    m = read_manifest(url)
+    meta = TokenMeta.from_dict(m.meta)
+    out = {}
+    for s in m.shards:
+        with open(f"{url}/{s.name}", "rb") as f:
+            for key, members in iter_samples(f, s.name, ReadStats()):
+                if "codes.npy" not in members:
+                    continue
+                b = decode_chunk(meta, members, ReadStats(), key)
+                for i, k in enumerate(members["keys.txt"].decode().split("\n")):
+                    out[k] = (b.codes[i], b.positions[i], b.labels[i],
+                              None if b.codes_flip is None else (b.codes_flip[i], b.positions_flip[i]),
+                              None if b.text is None else b.text[i])
+    return out
+
+
+def images_of(shapes: str) -> dict:
+    out = {}
+    for p in sorted(Path(shapes).glob("*.tar")):
+        with tarfile.open(p) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".png"):
+                    out[m.name.split(".")[0]] = np.array(Image.open(io.BytesIO(tf.extractfile(m).read())))
+    return out
+
+
+def shard_hashes(d: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("tokens-*.tar"))}
+
+
+def test_shards_hold_exactly_what_encode_gives(tok, shapes, tmp_path):
+    assert run(tok, shapes, tmp_path / "out") == 0
+    m = read_manifest(str(tmp_path / "out"))
+    assert [s.n for s in m.shards] == [20, 20, 20, 10]
+    assert m.meta["cond"] == "class" and m.meta["grid"] == 8 and m.meta["seq_len"] == 16
+    assert m.meta["tokenizer_sha256"] == json.loads((Path(tok) / "config.json").read_text())["weights_sha256"]
+    assert m.meta["input_manifest_sha256"] and m.meta["tokenizer_config"]["model"]["resolution"] == 32
+    model, _ = load_exported(tok)
+    imgs = images_of(shapes)
+    got = rows(str(tmp_path / "out"))
+    keys = sorted(imgs)
+    x = torch.from_numpy(np.stack([imgs[k] for k in keys])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    enc = model.encode(x)
+    for i, k in enumerate(keys):
+        assert got[k][0].tolist() == enc.codes[i].tolist()
+        assert got[k][1].tolist() == enc.positions[i].tolist()
+
+
+def test_rerun_keeps_every_shard(tok, shapes, tmp_path, capsys):
+    run(tok, shapes, tmp_path / "out")
+    before = {p.name: (p.stat().st_mtime_ns, h) for p, h in
+              zip(sorted((tmp_path / "out").glob("tokens-*.tar")), shard_hashes(tmp_path / "out").values())}
+    man = (tmp_path / "out" / "manifest.json").read_bytes()
+    time.sleep(0.05)
+    capsys.readouterr()
+    assert run(tok, shapes, tmp_path / "out") == 0
+    assert "written 0, kept 4" in capsys.readouterr().out
+    after = {p.name: (p.stat().st_mtime_ns, h) for p, h in
+             zip(sorted((tmp_path / "out").glob("tokens-*.tar")), shard_hashes(tmp_path / "out").values())}
+    assert after == before and (tmp_path / "out" / "manifest.json").read_bytes() == man
+
+
+def test_killed_run_restarts_to_byte_identical_output(tok, tmp_path):
+    src = tmp_path / "many"
+    write_shapes(str(src), 600, resolution=32, shard_size=30, progress=False)
+    clean = tmp_path / "clean"
+    assert run(tok, str(src), clean, "--batch-size", "4") == 0
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "mqscale.tokenize", "--tokenizer", tok, "--input", str(src),
+            "--output", str(out), "--workers", "0", "--no-progress", "--batch-size", "4"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("tokens-*.tar"))) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = shard_hashes(out)
+    assert 2 <= len(partial) < 20 and not (out / "manifest.json").exists()
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"kept {len(partial)}" in r.stdout
+    assert shard_hashes(out) == shard_hashes(clean)
+    assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes().replace(
+        str(clean).encode(), str(out).encode())
+
+
+def test_bad_inputs_are_counted_and_sizes_follow_the_flag(tok, tmp_path, capsys):
+    from mqscale.data.writer import ShardJob, shard_name, write_shard_set
+    from mqscale.data.manifest import IMAGES_FORMAT
+    from mqscale.data.tario import TarWriter
+
+    def produce(f, job):
+        w = TarWriter(f)
+        for key, (data, ext) in zip(job.keys, job.items):
+            w.add(f"{key}.{ext}", data)
+            w.add(f"{key}.cls", b"1")
+        w.close()
+        return len(job.keys)
+
+    def png(size):
+        b = io.BytesIO()
+        Image.new("RGB", size, (200, 10, 10)).save(b, format="PNG")
+        return b.getvalue()
+
+    items = [(png((32, 32)), "png"), (b"not an image", "png"), (png((48, 40)), "png"), (png((32, 32)), "png")]
+    write_shard_set(str(tmp_path / "in"), [ShardJob(0, shard_name("images", 0), ["a", "b", "c", "d"], items)],
+                    produce, fmt=IMAGES_FORMAT, classes=["x", "y"], progress=False)
+    assert run(tok, str(tmp_path / "in"), tmp_path / "o1") == 0
+    out = capsys.readouterr().out
+    assert "images in: 4, sequences out: 3" in out and "undecodable: 1" in out
+    assert run(tok, str(tmp_path / "in"), tmp_path / "o2", "--on-size-mismatch", "skip") == 0
+    out = capsys.readouterr().out
+    assert "sequences out: 2" in out and "size 48x40 (tokenizer: 32): 1" in out
+
+
+def test_output_of_another_tokenizer_is_refused(tok, shapes, tmp_path, capsys):
+    run(tok, shapes, tmp_path / "out")
+    cfg = load_tokenizer_config("configs/mqvae/demo.yaml")
+    torch.manual_seed(1)
+    save_exported(MQVAE(cfg.model).eval(), cfg, tmp_path / "other")
+    capsys.readouterr()
+    assert run(str(tmp_path / "other"), shapes, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "refusing to mix" in err and "tokenizer_sha256" in err
+    # and a location with only stray shards (no manifest) of another tokenizer too
+    (tmp_path / "out" / "manifest.json").unlink()
+    assert run(str(tmp_path / "other"), shapes, tmp_path / "out") == 2
+    assert "refusing to mix" in capsys.readouterr().err
+
+
+def test_flip_twins_are_the_mirrors_codes_and_the_loader_picks_one(tok, shapes, tmp_path, capsys):
+    assert run(tok, shapes, tmp_path / "out", "--flip") == 0
+    assert "images in: 70, sequences out: 140" in capsys.readouterr().out
+    model, _ = load_exported(tok)
+    imgs = images_of(shapes)
+    got = rows(str(tmp_path / "out"))
+    keys = sorted(imgs)[:8]
+    x = torch.from_numpy(np.stack([imgs[k] for k in keys])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    mirror = model.encode(torch.flip(x, dims=[3]))
+    for i, k in enumerate(keys):
+        fc, fp = got[k][3]
+        assert fc.tolist() == mirror.codes[i].tolist() and fp.tolist() == mirror.positions[i].tolist()
+    twin = torch.tensor(np.stack([got[k][3][0] for k in keys]).astype(np.int64))
+    twin_pos = torch.tensor(np.stack([got[k][3][1] for k in keys]).astype(np.int64))
+    assert torch.allclose(model.decode(twin, twin_pos), model.reconstruct(torch.flip(x, dims=[3])), atol=1e-5)
+    loader = StreamingLoader(str(tmp_path / "out"), DataConfig(batch_size=70, num_workers=0, shuffle=False))
+    e0, e1 = next(iter(loader))["codes"], None
+    loader.set_epoch(1)
+    e1 = next(iter(loader))["codes"]
+    assert not torch.equal(e0, e1)           # a different twin for some images in another epoch
+
+
+def test_text_condition_with_byte_ids(tok, shapes, tmp_path):
+    assert run(tok, shapes, tmp_path / "out", "--cond", "text", "--text-len", "32") == 0
+    m = read_manifest(str(tmp_path / "out"))
+    assert m.meta["cond"] == "text" and m.meta["text_tokenizer"] == "bytes-v1" and m.meta["text_len"] == 32
+    got = rows(str(tmp_path / "out"))
+    caption = Path(shapes)  # the first sample's caption, from its shard
+    with tarfile.open(sorted(caption.glob("*.tar"))[0]) as tf:
+        cap = tf.extractfile("000000000.txt").read().decode()
+    ids = got["000000000"][4]
+    expected = [b + 2 for b in cap.encode()][:32]
+    assert ids[:len(expected)].tolist() == expected and ids.shape == (32,)
+    batch = next(iter(StreamingLoader(str(tmp_path / "out"), DataConfig(batch_size=4, num_workers=0))))
+    assert batch["cond"].shape == (4, 32)
+
+
+def test_s3_in_and_out(tok, tmp_path, s3):
+    write_shapes("s3://mqscale-test/tok-in", 30, resolution=32, shard_size=10, storage_options=s3, progress=False)
+    so = json.dumps(s3)
+    assert tokenize_main(["--tokenizer", tok, "--input", "s3://mqscale-test/tok-in", "--output",
+                          "s3://mqscale-test/tok-out", "--workers", "0", "--no-progress", "--storage-options", so]) == 0
+    m = read_manifest("s3://mqscale-test/tok-out", s3)
+    assert m.total == 30
+    loader = StreamingLoader("s3://mqscale-test/tok-out", DataConfig(batch_size=10, num_workers=0, storage_options=s3))
+    assert sorted(i for b in loader for i in b["sample_id"][b["mask"]].tolist()) == list(range(30))
+
+
+def test_two_ray_workers_write_what_one_writes(tok, shapes, tmp_path):
+    outs = []
+    for w in ("1", "2"):
+        out = tmp_path / f"ray{w}"
+        r = subprocess.run([sys.executable, "-m", "mqscale.tokenize", "--tokenizer", tok, "--input", shapes,
+                            "--output", str(out), "--workers", w, "--no-progress"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        outs.append(shard_hashes(out))
+    local = tmp_path / "local"
+    run(tok, shapes, local)
+    assert outs[0] == outs[1] == shard_hashes(local)
