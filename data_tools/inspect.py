@@ -7,10 +7,9 @@ the mean kept-position map; image shards the class histogram and image sizes.
 from __future__ import annotations
 
 import argparse
-import json
 
 from data_tools.scan import print_report, scan
-from mqscale.cli import guarded
+from mqscale.cli import add_storage_options_arg, guarded
 
 
 @guarded
@@ -19,9 +18,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("url")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--storage-options", default="{}", help="JSON fsspec options")
+    add_storage_options_arg(p)
     ns = p.parse_args(argv)
-    rep, src = scan(ns.url, json.loads(ns.storage_options), check_sha=False)
+    rep, src = scan(ns.url, ns.storage_options, check_sha=False)
     print_report(rep, src, ns.json)
     return 0
 

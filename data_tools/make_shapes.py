@@ -15,7 +15,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mqscale.cli import guarded
+from mqscale.cli import add_storage_options_arg, guarded
 from mqscale.data.images import encode_image
 from mqscale.data.manifest import IMAGES_FORMAT
 from mqscale.data.tario import TarWriter
@@ -130,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--image-format", default="png", choices=["png", "jpg", "webp"])
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--storage-options", default="{}", help="JSON fsspec options")
+    add_storage_options_arg(p)
     p.add_argument("--no-progress", action="store_true")
     ns = p.parse_args(argv)
     res = write_shapes(ns.out, ns.count, ns.resolution, ns.seed, ns.shard_size, ns.image_format,
-                       ns.workers, json.loads(ns.storage_options), not ns.no_progress)
+                       ns.workers, ns.storage_options, not ns.no_progress)
     print(f"{res.samples} shapes images ({ns.resolution}px, {len(KINDS)} classes) -> {res.manifest_url} "
           f"(written {res.written}, kept {res.kept}; {res.items_per_s:.0f} images/s)")
     return 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mqscale.cli import UserError, guarded
+from mqscale.cli import UserError, add_storage_options_arg, guarded
 from mqscale.data import fs
 from mqscale.data.images import IMAGE_EXTS, encode_image, load_rgb, resize_center_crop
 from mqscale.data.manifest import IMAGES_FORMAT
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="images")
     p.add_argument("--seed", type=int, default=0, help="sample order seed (-1 keeps sorted order)")
     p.add_argument("--workers", type=int, default=1, help="parallel shard writers")
-    p.add_argument("--storage-options", default="{}", help="JSON fsspec options for input and output")
+    add_storage_options_arg(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -160,10 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 @guarded
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    try:
-        so = json.loads(ns.storage_options)
-    except ValueError as e:
-        raise UserError(f"--storage-options is not JSON ({e})") from None
+    so = ns.storage_options
     entries, classes, kind = discover(ns.input, ns.input_format, so)
     if not entries:
         raise UserError(f"{ns.input}: no images found ({kind})")

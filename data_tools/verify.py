@@ -6,10 +6,9 @@ ones (shard:key and why), plus shards holding other counts than the manifest pro
 from __future__ import annotations
 
 import argparse
-import json
 
 from data_tools.scan import print_report, scan
-from mqscale.cli import guarded
+from mqscale.cli import add_storage_options_arg, guarded
 
 
 @guarded
@@ -18,9 +17,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("url", help="manifest or its directory (a brace pattern skips the sha256 check)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--storage-options", default="{}", help="JSON fsspec options")
+    add_storage_options_arg(p)
     ns = p.parse_args(argv)
-    rep, src = scan(ns.url, json.loads(ns.storage_options), check_sha=True)
+    rep, src = scan(ns.url, ns.storage_options, check_sha=True)
     print_report(rep, src, ns.json, show_bad=1000)
     if not ns.json:
         print(("OK: " if rep.ok else "FAILED: ") + f"{rep.shards} shards, {rep.samples:,} samples decoded, "

@@ -40,6 +40,23 @@ def config_from_args(ns: argparse.Namespace, root: type = Config):
     return load_config(ns.config, ns.overrides, root)
 
 
+def add_storage_options_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-options", default="{}", type=storage_options,
+                   help='JSON fsspec options, e.g. \'{"endpoint_url": "http://...", "anon": false}\'')
+
+
+def storage_options(text: str) -> dict:
+    """argparse type for --storage-options: a JSON object, or one clear line."""
+    import json
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def not_built(stage: str, issue: int) -> Callable[[list[str] | None], int]:
     """Entry point for a stage that a later issue builds: one honest line, non-zero exit."""
     def main(argv: list[str] | None = None) -> int:

@@ -216,7 +216,7 @@ class ShardTokenizer:
             w = TokenShardWriter(f, self.meta, job.index, len(images), self.opts.chunk_size, want)
             for i in range(len(images)):
                 w.add(codes[i], pos[i], labels[i], None if text is None else text[i], keys[i],
-                      None if codes_f is None else codes_f[i], None if pos_f is None else pos_f[i])
+                      None if codes_f is None else codes_f[i], None if pos_f is None else pos_f[i], captions[i])
             w.close()
         sha, size = sha256_url(url, so)
         cc = np.bincount(codes.ravel(), minlength=self.meta.codebook_size) if len(images) else \

@@ -9,11 +9,10 @@ holding the model), on a cluster with ``--address``, or in this process with ``-
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 
-from mqscale.cli import UserError, guarded
+from mqscale.cli import UserError, add_storage_options_arg, guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-size-mismatch", default="resize", choices=["resize", "skip"],
                    help="an image not at the tokenizer's resolution is resized + center-cropped, or skipped")
     p.add_argument("--chunk-size", type=int, default=256, help="sequences per tar member")
-    p.add_argument("--storage-options", default="{}", help="JSON fsspec options for input and output")
+    add_storage_options_arg(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -46,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from mqscale.pretokenize import Options, run
     from mqscale.train.ray_launch import absolute
 
-    try:
-        so = json.loads(ns.storage_options)
-    except ValueError as e:
-        raise UserError(f"--storage-options is not JSON ({e})") from None
+    so = ns.storage_options
     if ns.workers < 0 or ns.batch_size < 1 or ns.chunk_size < 1 or ns.text_len < 1:
         raise UserError("--workers must be >= 0 and --batch-size, --chunk-size, --text-len >= 1")
     opts = Options(tokenizer=absolute(ns.tokenizer), input=absolute(ns.input), output=absolute(ns.output),

@@ -8,11 +8,10 @@ output of ``mqscale.convert official-mqvae``).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from mqscale.cli import UserError, guarded
+from mqscale.cli import UserError, add_storage_options_arg, guarded
 
 
 @guarded
@@ -23,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True, help="image shards: manifest, directory or brace pattern")
     p.add_argument("-n", type=int, default=16, help="images to show")
     p.add_argument("--out", required=True, help="PNG path or fsspec URL")
-    p.add_argument("--storage-options", default="{}", help="JSON fsspec options for input/output")
+    add_storage_options_arg(p)
     ns = p.parse_args(argv)
     from mqscale.config import DataConfig
     from mqscale.convert.export import load_exported
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from mqscale.train.tokenizer_trainer import to_images
     from mqscale.train.tokenizer_visuals import sample_grid, to_png
 
-    so = json.loads(ns.storage_options)
+    so = ns.storage_options
     tok, cfg = load_exported(ns.tokenizer, expect="mqvae")
     loader = StreamingLoader(ns.input, DataConfig(kind="images", batch_size=ns.n, num_workers=0, shuffle=False,
                                                   resolution=cfg.model.resolution, storage_options=so))

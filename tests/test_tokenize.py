@@ -221,6 +221,23 @@ def test_text_condition_with_byte_ids(tok, shapes, tmp_path):
     assert batch["cond"].shape == (4, 32)
 
 
+def test_captions_carry_over_and_hf_tokenizer_json(tok, shapes, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["[PAD]", "a", "large", "small", "on", "and", "background", "plain", "textured"]
+    hf = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[PAD]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "tok.json"))
+    assert run(tok, shapes, tmp_path / "out", "--cond", "text", "--text-tokenizer", str(tmp_path / "tok.json"),
+               "--text-len", "8") == 0
+    m = read_manifest(str(tmp_path / "out"))
+    assert m.meta["text_tokenizer"].startswith("hf-json:") and m.meta["text_vocab_size"] == len(words)
+    with tarfile.open(tmp_path / "out" / "tokens-000000.tar") as tf:
+        caps = json.loads(tf.extractfile("000000.captions.json").read())
+    ids = rows(str(tmp_path / "out"))["000000000"][4]
+    assert ids.tolist() == hf.encode(caps[0]).ids[:8] + [0] * max(0, 8 - len(hf.encode(caps[0]).ids))
+    assert caps[0].startswith("a large ")
+
+
 def test_s3_in_and_out(tok, tmp_path, s3):
     write_shapes("s3://mqscale-test/tok-in", 30, resolution=32, shard_size=10, storage_options=s3, progress=False)
     so = json.dumps(s3)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 from dataclasses import dataclass
 from typing import Iterator
@@ -217,7 +218,10 @@ class StreamingLoader:
             self._fold()
             shutdown = getattr(it, "_shutdown_workers", None)  # now, not whenever GC runs
             if shutdown is not None:
-                shutdown()
+                try:
+                    shutdown()
+                except RuntimeError as e:  # a worker dying while being stopped: its batches are not needed
+                    logging.getLogger("mqscale.data").debug("loader worker shutdown: %s", e)
         if per_epoch is not None and self.batches >= per_epoch:
             self.set_epoch(self.epoch + 1)
 

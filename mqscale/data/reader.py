@@ -113,7 +113,8 @@ class ShardReader:
                     return
                 continue
             self._count_unknown(members, {"codes.npy", "posbits.npy", "positions.npy", "labels.npy",
-                                          "text.npy", "keys.txt"})
+                                          "text.npy", "keys.txt", "captions.json", "codes_flip.npy",
+                                          "posbits_flip.npy"})
             if not chunk or not key.isdigit():
                 self.stats.corrupt_shards += 1
                 self.stats.note(f"{shard.url}: member {key!r} before a header or not a chunk; shard skipped")

@@ -15,6 +15,7 @@ It is still a plain tar in the WebDataset layout: ``tar -t`` lists it and ``webd
     000000.codes_flip.npy           the mirrored image's codes and positions (flip augmentation)
     000000.posbits_flip.npy
     000000.keys.txt                 N source keys, one per line (optional)
+    000000.captions.json            N source captions, a JSON list (optional; carried over)
     000001.codes.npy ...
 
 Readers also accept ``positions.npy`` (int16 [N, L]). npy is always read with
@@ -126,7 +127,8 @@ def check_sequences(meta: TokenMeta, codes: np.ndarray, positions: np.ndarray) -
 
 
 def encode_chunk(meta: TokenMeta, codes, positions, labels=None, text=None,
-                 keys: list[str] | None = None, codes_flip=None, positions_flip=None) -> list[tuple[str, bytes]]:
+                 keys: list[str] | None = None, codes_flip=None, positions_flip=None,
+                 captions: list[str] | None = None) -> list[tuple[str, bytes]]:
     """Members (ext, bytes) of one chunk; refuses sequences that a reader would reject."""
     out = []
     pairs = [("", codes, positions)] + ([("_flip", codes_flip, positions_flip)] if meta.flip else [])
@@ -143,6 +145,8 @@ def encode_chunk(meta: TokenMeta, codes, positions, labels=None, text=None,
         out.append(("text.npy", npy_bytes(np.asarray(text, dtype=np.int32))))
     if keys is not None:
         out.append(("keys.txt", "\n".join(keys).encode()))
+    if captions is not None:
+        out.append(("captions.json", json.dumps(list(captions), ensure_ascii=False).encode()))
     return out
 
 
@@ -202,13 +206,13 @@ class TokenShardWriter:
         self.tar = TarWriter(f)
         self.tar.add(f"{HEADER_KEY}.json", header_bytes(meta, shard_index, n, chunk_size, extra_header))
         self.buf: dict[str, list] = {k: [] for k in ("codes", "positions", "labels", "text", "keys",
-                                                    "codes_flip", "positions_flip")}
+                                                    "codes_flip", "positions_flip", "captions")}
         self.written = self.chunks = 0
 
     def add(self, codes, positions, label=None, text=None, key: str | None = None,
-            codes_flip=None, positions_flip=None) -> None:
+            codes_flip=None, positions_flip=None, caption: str | None = None) -> None:
         for name, v in (("codes", codes), ("positions", positions), ("labels", label), ("text", text), ("keys", key),
-                        ("codes_flip", codes_flip), ("positions_flip", positions_flip)):
+                        ("codes_flip", codes_flip), ("positions_flip", positions_flip), ("captions", caption)):
             self.buf[name].append(v)
         if len(self.buf["codes"]) >= self.chunk_size:
             self._flush()
@@ -218,12 +222,13 @@ class TokenShardWriter:
         if not b["codes"]:
             return
         keys = b["keys"] if all(k is not None for k in b["keys"]) else None
+        captions = b["captions"] if any(c for c in b["captions"]) else None
         flip = self.meta.flip
         members = encode_chunk(self.meta, np.stack(b["codes"]), np.stack(b["positions"]),
                                b["labels"] if self.meta.cond == "class" else None,
                                np.stack(b["text"]) if self.meta.cond == "text" else None, keys,
                                np.stack(b["codes_flip"]) if flip else None,
-                               np.stack(b["positions_flip"]) if flip else None)
+                               np.stack(b["positions_flip"]) if flip else None, captions)
         for ext, data in members:
             self.tar.add(f"{self.chunks:06d}.{ext}", data)
         self.written += len(b["codes"])
