@@ -131,23 +131,29 @@ class TrainConfig:
     grad_accum: int = _f(1, ge=1, doc="micro-batches per optimizer step")
     precision: Literal["fp32", "bf16", "fp16"] = _f("bf16", doc="fp16 is GPU-only")
     seed: int = _f(0, ge=0)
+    global_batch: int = _f(0, ge=0, doc="sequences per optimizer step; 0 = batch_size x world x grad_accum")
+    max_nonfinite: int = _f(3, ge=1, doc="non-finite steps in a row that stop the run")
     eval_every: int = _f(0, ge=0, doc="steps between validations; 0 = never")
     p_uncond: float = _f(0.0, ge=0.0, lt=1.0, doc="condition dropout for classifier-free guidance")
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str = _f("runs/checkpoints", doc="local dir or s3:// URL")
-    every_steps: int = _f(0, ge=0, doc="0 = only at the end")
-    keep_last: int = _f(3, ge=1)
-    resume: Literal["auto", "never"] = _f("auto", doc="auto resumes from the latest complete checkpoint")
-    storage_options: dict[str, Any] = _f({})
+    dir: str = _f("runs", doc="run storage root (local dir or s3://...): runs live in <dir>/<name>")
+    every_steps: int = _f(0, ge=0, doc="steps between checkpoints; 0 = only at the end")
+    keep_last: int = _f(3, ge=2, doc="checkpoints kept (at least 2, so a damaged newest has a fallback)")
+    resume: Literal["auto", "never"] = _f("auto", doc="auto resumes from the newest verified checkpoint")
+    resume_from: str = _f("", doc="resume from this checkpoint URL instead")
+    storage_options: dict[str, Any] = _f({}, doc="fsspec options for the storage root (endpoint, keys)")
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard_dir: str = _f("runs/tb")
+    tensorboard_dir: str = _f("", doc="TensorBoard event dir; empty = <run dir>/tb (synced to storage)")
     log_every: int = _f(10, ge=1, doc="steps between scalar logs")
+    sample_every: int = _f(0, ge=0, doc="steps between sampled image grids; 0 = only at the end")
+    tokenizer: str = _f("", doc="exported tokenizer that decodes sample grids; empty = no grids")
+    peak_tflops: float = _f(0.0, ge=0.0, doc="device peak for MFU; 0 = look the device up")
 
 
 @dataclass
@@ -157,7 +163,6 @@ class RayConfig:
     use_gpu: bool = _f(False)
     cpus_per_worker: float = _f(1.0, gt=0.0)
     resources_per_worker: dict[str, float] = _f({})
-    storage_path: str = _f("runs/ray", doc="Ray Train storage: local dir or s3://")
     max_failures: int = _f(0, ge=-1, doc="worker-group restarts; -1 = unlimited")
 
 

@@ -63,7 +63,7 @@ def tokenizer_step(shapes: str, workdir: str, steps: int) -> str:
 
     t = time.perf_counter()
     rc, out = quiet(train_tokenizer.main, ["--config", "configs/mqvae/demo.yaml", f"data.train_url={shapes}",
-                                           f"train.max_steps={steps}", f"ray.storage_path={workdir}/ray",
+                                           f"train.max_steps={steps}", f"checkpoint.dir={workdir}/ray",
                                            f"logging.tensorboard_dir={workdir}/tb_tokenizer"])
     found = re.search(r"tokenizer checkpoint: (\S+)", out)
     if rc != 0 or not found:

@@ -2,7 +2,7 @@
 
 Trains the MQ-VAE under Ray Train: ``ray.num_workers`` workers (a local Ray, or the cluster at
 ``ray.address`` / under ``ray job submit``), image shards streamed from ``data.train_url``,
-checkpoints (each a complete tokenizer export) in ``ray.storage_path/<name>``, resumed
+checkpoints (each a complete tokenizer export) in ``checkpoint.dir/<name>``, resumed
 automatically, and TensorBoard logs in ``logging.tensorboard_dir``.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ def run(tmp_path, steps):
     args = [sys.executable, "-m", "mqscale.train_tokenizer", "--config", "configs/mqvae/debug.yaml",
             f"data.train_url={tmp_path / 'shapes'}", "data.num_workers=0", "data.resolution=32",
             "model.resolution=32", "data.batch_size=4", "ray.num_workers=2",
-            f"ray.storage_path={tmp_path / 'storage'}", f"logging.tensorboard_dir={tmp_path / 'tb'}",
+            f"checkpoint.dir={tmp_path / 'storage'}", f"logging.tensorboard_dir={tmp_path / 'tb'}",
             f"train.max_steps={steps}", "train.checkpoint_every=2", "train.log_every=1", "train.image_every=0"]
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
 

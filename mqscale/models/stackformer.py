@@ -68,16 +68,20 @@ class Stackformer(nn.Module):
         return self.pos_transformer if self.code_first else self.code_transformer
 
     def reset_parameters(self) -> None:
-        std = self.cfg.init_std
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, std)
-                if isinstance(m, nn.Linear) and m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
+            self.init_module(m)
+
+    def init_module(self, m: nn.Module) -> None:
+        """Initialise one module's own parameters (std ``init_std``; LayerNorms at 1 and 0)."""
+        std = self.cfg.init_std
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
-        if self.abs_emb is not None:
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif m is self and self.abs_emb is not None:
             nn.init.normal_(self.abs_emb, 0.0, std)
 
     def set_activation_checkpointing(self, on: bool | list[int]) -> None:
@@ -89,10 +93,12 @@ class Stackformer(nn.Module):
     # ------------------------------------------------------------------ streams
 
     def prefix(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Condition tokens [B, P, C]: class token, T text tokens, or the learned start token."""
+        """Condition tokens [B, P, C]: class token, T text tokens, or the learned start token.
+        (Embeddings are always called as modules, never indexed, so ZeRO-3 can gather them.)"""
         kind = self.cfg.cond
+        device = self.code_emb.weight.device
         if kind == "none":
-            e = self.cond_emb.weight[:1].expand(batch, 1, -1)
+            e = self.cond_emb(torch.zeros(batch, 1, dtype=torch.long, device=device))
         elif cond is None:
             raise ValueError(f"a {kind}-conditional Stackformer needs cond")
         elif kind == "class":
@@ -101,7 +107,7 @@ class Stackformer(nn.Module):
             if cond.shape != (batch, self.cfg.text_len):
                 raise ValueError(f"text cond must be [B, {self.cfg.text_len}], got {tuple(cond.shape)}")
             e = self.cond_emb(cond)
-        return e + self.pos_emb.weight[self.sos]
+        return e + self.pos_emb(torch.full((1, 1), self.sos, dtype=torch.long, device=device))
 
     def first_stream(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Input embeddings [B, T, C] at sequence indices cache.length.. -> first-stack hidden."""

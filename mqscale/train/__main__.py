@@ -1,10 +1,121 @@
-"""python -m mqscale.train — distributed Stackformer training (Ray Train + DeepSpeed ZeRO).
+"""python -m mqscale.train [--config CONFIG] [section.key=value ...] [--launcher ray|deepspeed]
 
-Not built yet: issue #6 builds it. Until then it says so in one line and exits non-zero.
+With Ray (default): a Ray Train TorchTrainer with ``ray.num_workers`` DeepSpeed workers, on a
+local Ray, the cluster at ``ray.address``, or under ``ray job submit``. With ``--launcher
+deepspeed`` (run by ``deepspeed --hostfile H -m mqscale.train ...``): the same loop in the
+processes the launcher starts. With no --config: the main job, configs/demo.yaml, which first
+builds its demo token shards and tokenizer when they are missing.
 """
-from mqscale.cli import not_built
+from __future__ import annotations
 
-main = not_built("mqscale.train", 6)
+import argparse
+import logging
+import sys
+
+from mqscale.cli import UserError, add_config_args, config_from_args, guarded
+from mqscale.config import Config, from_dict, to_dict
+
+DEMO = "configs/demo.yaml"
+
+
+def worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    from mqscale.train.ray_session import RaySession
+    from mqscale.train.trainer import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_url = config.pop("_run_url")
+    cfg = from_dict(config, "train_loop_config")
+    train(cfg, RaySession(run_url))
+
+
+def absolutize(cfg: Config) -> None:
+    from mqscale.train.ray_launch import absolute
+    cfg.data.train_url = absolute(cfg.data.train_url)
+    cfg.checkpoint.dir = absolute(cfg.checkpoint.dir)
+    cfg.checkpoint.resume_from = absolute(cfg.checkpoint.resume_from)
+    cfg.logging.tokenizer = absolute(cfg.logging.tokenizer)
+    cfg.logging.tensorboard_dir = absolute(cfg.logging.tensorboard_dir)
+    cfg.deepspeed.config_json = absolute(cfg.deepspeed.config_json)
+
+
+def run_url(cfg: Config) -> str:
+    return cfg.checkpoint.dir.rstrip("/") + "/" + cfg.name
+
+
+def with_ray(cfg: Config) -> int:
+    from mqscale.train.ray_launch import launch
+    from mqscale.train.validate import validate_run
+
+    validate_run(cfg, cfg.ray.num_workers)
+    url = run_url(cfg)
+    try:
+        launch(worker, {**to_dict(cfg), "_run_url": url}, cfg.ray, cfg.checkpoint, cfg.name)
+    except Exception as e:  # the workers' tracebacks are already in the log above
+        msg = str(e).strip().splitlines()
+        print(f"training failed: {msg[-1] if msg else type(e).__name__}", file=sys.stderr)
+        return 1
+    report(cfg, url)
+    return 0
+
+
+def with_deepspeed(cfg: Config) -> int:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from mqscale.train.session import LauncherSession
+    from mqscale.train.trainer import train
+    from mqscale.train.validate import validate_run
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    validate_run(cfg, dist.get_world_size())
+    url = run_url(cfg)
+    train(cfg, LauncherSession(url, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last))
+    if dist.get_rank() == 0:
+        report(cfg, url)
+    dist.barrier()
+    return 0
+
+
+def report(cfg: Config, url: str) -> None:
+    from mqscale.train.checkpoint import CheckpointStore
+    found = CheckpointStore(url, cfg.checkpoint.storage_options).candidates()
+    tb = cfg.logging.tensorboard_dir or (f"{url}/tb" if "://" not in url else f"{url}/tb (synced)")
+    print(f"run: {url}")
+    print(f"checkpoints: {', '.join(f.url.rsplit('/', 1)[-1] for f in found[:3]) or 'none'}")
+    if found:
+        print(f"export: python -m mqscale.export {found[0].url} exported/{cfg.name}")
+    print(f"samples: {url}/samples/")
+    print(f"tensorboard: tensorboard --logdir {tb.split(' ')[0]}")
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mqscale.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, default=None)
+    p.add_argument("--launcher", choices=["ray", "deepspeed"], default="ray")
+    p.add_argument("--resume-from", default="", help="a checkpoint URL to resume from (verified)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ns = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    main_job = ns.config is None
+    if main_job:
+        ns.config = DEMO
+    cfg = config_from_args(ns)
+    if ns.resume_from:
+        cfg.checkpoint.resume_from = ns.resume_from
+    absolutize(cfg)
+    if main_job:
+        from mqscale.train.main_job import ensure_demo_data
+        ensure_demo_data(cfg)
+    if ns.launcher == "deepspeed":
+        return with_deepspeed(cfg)
+    if ns.local_rank is not None:
+        raise UserError("started by a distributed launcher: add --launcher deepspeed")
+    return with_ray(cfg)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -46,7 +46,7 @@ def launch(worker_fn: Callable[[dict], None], config: dict, ray_cfg: RayConfig, 
     if not ray.is_initialized():
         address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True, include_dashboard=False if not address else None)
-    path, filesystem = storage(ray_cfg.storage_path, ckpt_cfg.storage_options)
+    path, filesystem = storage(ckpt_cfg.dir, ckpt_cfg.storage_options)
     resources = {"CPU": ray_cfg.cpus_per_worker, **ray_cfg.resources_per_worker}
     trainer = TorchTrainer(
         worker_fn,

@@ -60,6 +60,33 @@ class LocalSession:
         yield str(done[-1]) if done else None
 
 
+class LauncherSession:
+    """Ranks started by the deepspeed launcher (or torchrun): each uploads its own checkpoint files
+    to the run's storage, then rank 0 the completion marker, then rank 0 prunes old checkpoints."""
+
+    def __init__(self, run_url: str, storage_options: dict | None, keep_last: int):
+        import torch.distributed as dist
+
+        from mqscale.train.checkpoint import CheckpointStore
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        self.run_url, self.keep_last = run_url, keep_last
+        self.store = CheckpointStore(run_url, storage_options)
+
+    def commit(self, staging: Path, name: str, metrics: dict) -> None:
+        import torch.distributed as dist
+
+        from mqscale.train.checkpoint import MARKER
+        mine = [p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file() and p.name != MARKER]
+        self.store.upload(staging, name, mine)
+        dist.barrier()
+        if self.rank == 0:
+            self.store.upload(staging, name, [MARKER])
+            self.store.prune(self.keep_last)
+        dist.barrier()
+
+
 @contextlib.contextmanager
 def scratch_dir() -> Iterator[str]:
     d = tempfile.mkdtemp(prefix="mqscale-ckpt-")

@@ -1,0 +1,125 @@
+"""The DeepSpeed side of a Stackformer run: its config from ours, the model under ZeRO, the engine.
+
+We set the fields that follow from the run config (batch sizes, accumulation, clipping, ZeRO
+stage and offload, precision). An expert may hand over a DeepSpeed JSON of their own
+(``deepspeed.config_json``): its other fields are kept, and any field we set that it sets
+differently is a ConfigError naming both values, never a silent override.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from mqscale.config import Config, ConfigError
+from mqscale.models import Stackformer
+from mqscale.train.optim import param_groups
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def ds_config(cfg: Config, world: int) -> dict:
+    t, d = cfg.train, cfg.deepspeed
+    micro, accum = cfg.data.batch_size, t.grad_accum
+    zero: dict[str, Any] = {"stage": d.zero_stage, "overlap_comm": d.zero_stage > 0,
+                            "contiguous_gradients": d.zero_stage > 0}
+    if d.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": d.offload_optimizer, "pin_memory": True,
+                                     **({"nvme_path": d.nvme_path} if d.offload_optimizer == "nvme" else {})}
+    if d.offload_param != "none":
+        zero["offload_param"] = {"device": d.offload_param, "pin_memory": True,
+                                 **({"nvme_path": d.nvme_path} if d.offload_param == "nvme" else {})}
+    if d.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    ours = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if d.offload_optimizer != "none":  # ZeRO-Offload needs DeepSpeed's CPU Adam; same recipe
+        o = cfg.optim
+        ours["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                         "weight_decay": o.weight_decay}}
+    if not d.config_json:
+        return ours
+    return merge_expert(ours, d.config_json)
+
+
+def merge_expert(ours: dict, path: str) -> dict:
+    from mqscale.data import fs
+    try:
+        theirs = json.loads(fs.read_bytes(path))
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.config_json: {path} not found") from None
+    except ValueError as e:
+        raise ConfigError(f"deepspeed.config_json: {path} is not JSON ({e})") from None
+    a, b = _flatten(ours), _flatten(theirs)
+    clash = [f"{k}: ours {a[k]!r} vs {b[k]!r}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+    if clash:
+        raise ConfigError(f"deepspeed.config_json: {path} conflicts with the run config on {'; '.join(clash[:3])}")
+    return _merge(ours, theirs)
+
+
+def init_weights_zero3(model: Stackformer) -> None:
+    """Under ZeRO-3 parameters are partitioned as each submodule is built, before the model's own
+    initialisation runs; redo it one module at a time with that module's parameters gathered."""
+    import deepspeed
+    import torch.distributed as dist
+
+    for m in model.modules():
+        params = list(m.parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if dist.get_rank() == 0:
+                model.init_module(m)
+
+
+def build_model(cfg: Config, ds: dict) -> Stackformer:
+    torch.manual_seed(cfg.train.seed)
+    if cfg.deepspeed.zero_stage == 3:
+        import deepspeed
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            model = Stackformer(cfg.model)
+        init_weights_zero3(model)
+        return model
+    return Stackformer(cfg.model)
+
+
+def build_engine(cfg: Config, world: int):
+    """(engine, ds_config): the Stackformer wrapped by DeepSpeed with our optimizer recipe."""
+    import deepspeed
+
+    ds = ds_config(cfg, world)
+    model = build_model(cfg, ds)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if "optimizer" in ds:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+    else:
+        o = cfg.optim
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    return engine, ds

@@ -1,0 +1,271 @@
+"""The one Stackformer training loop, run by every rank under Ray Train or the deepspeed launcher.
+
+It knows nothing of Ray: a session gives rank, world, device, the run's storage URL, and how a
+checkpoint is committed. Each micro-batch comes from the streaming loader (fixed size, masked
+holes dropped before the forward), goes through the DeepSpeed engine (ZeRO, accumulation,
+clipping, bf16), and a loss that is not finite on any rank skips that micro-batch everywhere.
+Checkpoints carry the step, tokens seen, every rank's data position and RNG, and the resolved
+config; resume verifies them (see ``checkpoint.py``) and continues exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+
+from mqscale.config import Config, to_dict
+from mqscale.data.loader import StreamingLoader
+from mqscale.models import train_flops_per_token
+from mqscale.train.checkpoint import (TAG, CheckpointError, CheckpointStore, checkpoint_name, local_files,
+                                      write_marker)
+from mqscale.train.engine import build_engine
+from mqscale.train.metrics import Metrics, device_peak_tflops, memory_gb
+from mqscale.train.optim import lr_at
+
+log = logging.getLogger("mqscale.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (e.g. a streak of non-finite losses) after a final checkpoint."""
+
+
+class RunSession(Protocol):
+    rank: int
+    world: int
+    device: torch.device
+    run_url: str
+
+    def commit(self, staging: Path, name: str, metrics: dict) -> None: ...
+
+
+def gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+class Trainer:
+    def __init__(self, cfg: Config, session: RunSession):
+        self.cfg, self.session = cfg, session
+        self.rank, self.world = session.rank, session.world
+        self.engine, self.ds_config = build_engine(cfg, self.world)
+        self.model = self.engine.module
+        self.device = self.engine.device
+        self.loader = StreamingLoader(cfg.data.train_url, cfg.data, self.rank, self.world,
+                                      pin_memory=self.device.type == "cuda")
+        self.store = CheckpointStore(session.run_url, cfg.checkpoint.storage_options)
+        self.step = self.tokens = self.nonfinite_streak = self.nonfinite_total = 0
+        tb = cfg.logging.tensorboard_dir or _local_tb_dir(session.run_url)
+        self.metrics = Metrics(self.rank, tb, train_flops_per_token(cfg.model), device_peak_tflops(
+            cfg.logging.peak_tflops), self.world)
+        self.tb_dir = tb
+        self.tokenizer = None
+        if cfg.logging.tokenizer and self.rank == 0:
+            from mqscale.convert.export import load_exported
+            self.tokenizer, _ = load_exported(cfg.logging.tokenizer, self.device, expect="mqvae")
+        self.restored_from = self._restore()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _restore(self) -> str | None:
+        c = self.cfg.checkpoint
+        if c.resume_from:
+            found = self.store.open_url(c.resume_from)
+        elif c.resume == "auto":
+            found = self.store.latest_valid()
+        else:
+            return None
+        if found is None:
+            return None
+        if found.marker.get("world") != self.world:
+            raise CheckpointError(f"{found.url}: saved by {found.marker.get('world')} workers, this run has "
+                                  f"{self.world}; resharding a checkpoint is not supported yet")
+        with tempfile.TemporaryDirectory(prefix="mqscale-restore-") as d:
+            self.store.download(found, Path(d), rank=self.rank)
+            path, client = self.engine.load_checkpoint(d, tag=TAG, load_lr_scheduler_states=False)
+            if path is None or client is None:
+                raise CheckpointError(f"{found.url}: DeepSpeed loaded nothing from it (returned None)")
+        self.step, self.tokens = int(client["step"]), int(client["tokens"])
+        self.loader.load_state_dict(client["loader"][self.rank])
+        rng = client["rng"][self.rank]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        log.info("rank %d resumed from %s at step %d", self.rank, found.url, self.step)
+        return found.url
+
+    def save(self, metrics: dict) -> None:
+        staging = Path(tempfile.mkdtemp(prefix="mqscale-ckpt-"))
+        try:
+            client = {"step": self.step, "tokens": self.tokens, "world": self.world,
+                      "loader": gather(self.loader.state_dict()), "rng": gather(rng_state()),
+                      "config": to_dict(self.cfg)}
+            self.engine.save_checkpoint(str(staging), tag=TAG, client_state=client)
+            files: dict = {}
+            for part in gather(local_files(staging)):
+                files.update(part)
+            if self.rank == 0:
+                write_marker(staging, files, self.step, self.world, {"name": self.cfg.name})
+            self.session.commit(staging, checkpoint_name(self.step), metrics)
+            if self.rank == 0:
+                self._sync_tensorboard()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _sync_tensorboard(self) -> None:
+        """Event files written locally go to <run>/tb on the storage when that is remote."""
+        if "://" not in self.session.run_url or self.metrics.writer is None:
+            return
+        self.metrics.writer.flush()
+        local = Path(self.tb_dir)
+        files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+        self.store.upload(local, "tb", files)
+
+    # ------------------------------------------------------------------ the loop
+
+    def batches(self) -> Iterator[dict]:
+        while True:
+            yield from self.loader
+
+    def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict, bool]:
+        keep = batch["mask"]
+        weight = 1.0 if bool(keep.any()) else 0.0
+        if not weight:  # only padding on this rank: a zero-weighted step keeps the collectives in step
+            keep = torch.zeros_like(keep)
+            keep[0] = True
+        codes, pos = batch["codes"][keep].to(self.device), batch["positions"][keep].to(self.device)
+        cond = batch["cond"][keep].to(self.device) if "cond" in batch else None
+        out = self.engine(codes, pos, cond=cond)
+        loss = out.loss * weight
+        finite = torch.tensor([float(torch.isfinite(loss).item())], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        ok = bool(finite.item())
+        if ok:
+            self.engine.backward(loss)
+            self.engine.step()
+        parts = {"loss/total": out.loss.item(), "loss/code": out.code_loss.item(),
+                 "loss/position": out.pos_loss.item(), "sequences": float(keep.sum()) * weight}
+        return loss, parts, ok
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        max_steps, every = cfg.train.max_steps, cfg.checkpoint.every_steps or math.inf
+        it = self.batches()
+        window: list[dict] = []
+        wait = busy = 0.0
+        t_last = time.perf_counter()
+        last: dict = {}
+        while self.step < max_steps:
+            lr = lr_at(self.step, cfg.optim, max_steps)
+            for g in self.engine.optimizer.param_groups:
+                g["lr"] = lr
+            t = time.perf_counter()
+            batch = next(it)
+            wait += time.perf_counter() - t
+            before = self.engine.global_steps
+            _, parts, ok = self.micro_step(batch)
+            busy = time.perf_counter() - t_last
+            if not ok:
+                self.nonfinite_streak += 1
+                self.nonfinite_total += 1
+                log.warning("rank %d: non-finite loss at step %d, micro-batch skipped (%d in a row)", self.rank,
+                            self.step, self.nonfinite_streak)
+                if self.nonfinite_streak > cfg.train.max_nonfinite:
+                    self.save({"step": self.step, "stopped": 1.0})
+                    raise TrainingStopped(f"{self.nonfinite_streak} non-finite losses in a row at step {self.step} "
+                                          f"(train.max_nonfinite={cfg.train.max_nonfinite}); saved a checkpoint and stopped")
+                continue
+            self.nonfinite_streak = 0
+            self.tokens += int(parts["sequences"]) * cfg.model.seq_len
+            window.append(parts)
+            if self.engine.global_steps == before:  # still accumulating
+                continue
+            self.step += 1
+            if self.step % cfg.logging.log_every == 0 or self.step == max_steps:
+                last = self._log(window, lr, wait, busy)
+                window, wait, t_last = [], 0.0, time.perf_counter()
+            if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
+                self.sample_grid()
+            if self.step % every == 0 and self.step < max_steps:
+                self.save({"step": self.step, **last})
+        self.save({"step": self.step, **last})
+        self.sample_grid()
+        self.metrics.hparams({"name": cfg.name, "params": sum(p.numel() for p in self.model.parameters()),
+                              "zero_stage": cfg.deepspeed.zero_stage, "world": self.world,
+                              "lr": cfg.optim.lr, "batch": cfg.data.batch_size}, {k: v for k, v in last.items()
+                                                                                   if k.startswith("loss/")})
+        self.metrics.close()
+        return {"step": self.step, "tokens": self.tokens, "nonfinite_skipped": self.nonfinite_total, **last}
+
+    def _log(self, window: list[dict], lr: float, wait: float, busy: float) -> dict:
+        n = max(1, len(window))
+        v = {k: sum(w[k] for w in window) / n for k in ("loss/total", "loss/code", "loss/position")}
+        seqs = sum(w["sequences"] for w in window)
+        stats = torch.tensor([seqs, busy, wait], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+            stats[1:] /= self.world
+        seqs_all, busy_s, wait_s = stats.tolist()
+        v.update({"lr": lr, "perf/sequences_per_s": seqs_all / max(busy_s, 1e-9),
+                  "perf/step_time_s": busy_s / n, "perf/data_wait_share": wait_s / max(busy_s, 1e-9),
+                  "memory_gb": memory_gb(), "skipped/nonfinite": float(self.nonfinite_total)})
+        v.update(self.metrics.throughput(v["perf/sequences_per_s"] * self.cfg.model.seq_len))
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            v["grad_norm"] = float(gn)
+        for k, x in self.loader.stats().items():
+            if k in ("invalid_samples", "undecodable", "corrupt_shards", "unreadable_shards", "refused_members",
+                     "missing_samples", "padding"):
+                v[f"data/{k}"] = float(x)
+        self.metrics.scalars(self.step, v)
+        self.metrics.console(self.step, self.cfg.train.max_steps, v)
+        return v
+
+    @torch.no_grad()
+    def sample_grid(self) -> None:
+        """Rank 0 samples fixed classes with fixed seeds and logs the decoded grid. (Not under
+        ZeRO-3, whose partitioned weights would have to be gathered whole: sample the export.)"""
+        if self.rank != 0 or self.tokenizer is None or self.cfg.deepspeed.zero_stage == 3:
+            return
+        from mqscale.sampling import SamplingParams, sample
+        from mqscale.train.tokenizer_visuals import to_png
+        m = self.cfg.model
+        n_cls = min(m.n_classes, 8) if m.cond == "class" else 1
+        cond = torch.arange(n_cls, device=self.device).repeat_interleave(4) if m.cond == "class" else None
+        p = SamplingParams(temperature=1.0, top_k=min(100, m.codebook_size))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
+            codes, pos = sample(self.model, cond, batch=4 * n_cls, code=p, pos=p,
+                                generator=torch.Generator(self.device).manual_seed(0))
+        imgs = self.tokenizer.decode(codes, pos).float()
+        r = imgs.shape[-1]
+        grid = ((imgs.clamp(-1, 1) + 1) / 2).view(n_cls, 4, 3, r, r).permute(2, 0, 3, 1, 4).reshape(
+            3, n_cls * r, 4 * r).cpu()
+        self.metrics.image(self.step, "samples/class_rows", grid)
+        from mqscale.data import fs
+        fs.write_bytes(fs.join(self.session.run_url, f"samples/step_{self.step:09d}.png"), to_png(grid),
+                       self.cfg.checkpoint.storage_options)
+
+
+def _local_tb_dir(run_url: str) -> str:
+    return f"{run_url}/tb" if "://" not in run_url else str(Path("runs/tb") / run_url.rstrip("/").rsplit("/", 1)[-1])
+
+
+def train(cfg: Config, session: RunSession) -> dict:
+    return Trainer(cfg, session).fit()
