@@ -22,6 +22,7 @@ from mqscale.data import fs
 log = logging.getLogger("mqscale.checkpoint")
 MARKER = "mqscale_complete.json"
 TAG = "ds"  # DeepSpeed's checkpoint tag inside each checkpoint directory
+RUN_CONFIG = "run_config.json"  # the resolved run config, so the checkpoint alone rebuilds its model
 
 
 class CheckpointError(RuntimeError):

@@ -9,6 +9,7 @@ config; resume verifies them (see ``checkpoint.py``) and continues exactly.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -23,8 +24,8 @@ import torch.distributed as dist
 from mqscale.config import Config, to_dict
 from mqscale.data.loader import StreamingLoader
 from mqscale.models import train_flops_per_token
-from mqscale.train.checkpoint import (TAG, CheckpointError, CheckpointStore, checkpoint_name, local_files,
-                                      write_marker)
+from mqscale.train.checkpoint import (RUN_CONFIG, TAG, CheckpointError, CheckpointStore, checkpoint_name,
+                                      local_files, write_marker)
 from mqscale.train.engine import build_engine
 from mqscale.train.metrics import Metrics, device_peak_tflops, memory_gb
 from mqscale.train.optim import lr_at
@@ -117,6 +118,8 @@ class Trainer:
                       "loader": gather(self.loader.state_dict()), "rng": gather(rng_state()),
                       "config": to_dict(self.cfg)}
             self.engine.save_checkpoint(str(staging), tag=TAG, client_state=client)
+            if self.rank == 0:  # the checkpoint describes itself: export needs nothing else
+                (staging / RUN_CONFIG).write_text(json.dumps(to_dict(self.cfg), indent=1))
             files: dict = {}
             for part in gather(local_files(staging)):
                 files.update(part)
