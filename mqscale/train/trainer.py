@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -201,6 +202,7 @@ class Trainer:
             if self.engine.global_steps == before:  # still accumulating
                 continue
             self.step += 1
+            fault_point(self.step, self.rank)
             if self.step % cfg.logging.log_every == 0 or self.step == max_steps:
                 last = self._log(window, lr, wait, busy)
                 window, wait, t_last = [], 0.0, time.perf_counter()
@@ -264,6 +266,19 @@ class Trainer:
         from mqscale.data import fs
         fs.write_bytes(fs.join(self.session.run_url, f"samples/step_{self.step:09d}.png"), to_png(grid),
                        self.cfg.checkpoint.storage_options)
+
+
+def fault_point(step: int, rank: int) -> None:
+    """Fault injection for the test suite: ``MQSCALE_FAULT_EXIT=<step>:<rank>:<flag file>`` makes that
+    rank die (os._exit) at that step, once (the flag file records that it happened)."""
+    spec = os.environ.get("MQSCALE_FAULT_EXIT")
+    if not spec:
+        return
+    at, who, flag = spec.split(":", 2)
+    if step == int(at) and rank == int(who) and not os.path.exists(flag):
+        Path(flag).write_text(f"killed rank {rank} at step {step}\n")
+        log.warning("fault injection: rank %d exits at step %d", rank, step)
+        os._exit(17)
 
 
 def _local_tb_dir(run_url: str) -> str:
