@@ -17,7 +17,7 @@ def test_no_decay_on_biases_norms_embeddings():
     exempt = {names[id(p)] for p in no_decay["params"]}
     assert decayed | exempt == set(names.values()) and not decayed & exempt
     assert all(n.endswith("weight") and ("qkv" in n or "proj" in n or "mlp" in n) for n in decayed)
-    for n in ("code_emb.weight", "pos_emb.weight", "cond_emb.weight", "abs_emb",
+    for n in ("code_emb.weight", "pos_emb.weight", "cond_emb.weight", "abs_emb.weight",
               "code_transformer.blocks.0.ln1.weight", "code_transformer.blocks.0.attn.qkv.bias"):
         assert n in exempt
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0

@@ -92,7 +92,7 @@ def convert_state_dict(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         "pos_head.proj.weight": _need(sd, "position_head.1.weight")[:G],
     }
     if cfg.abs_pos:
-        out["abs_emb"] = sd["pos_emb"][0]
+        out["abs_emb.weight"] = sd["pos_emb"][0]
     used = {"value_emb.weight", "value_pos_emb.weight", "pos_emb", "value_head.0.weight",
             "value_head.0.bias", "value_head.1.weight", "position_head.0.weight",
             "position_head.0.bias", "position_head.1.weight"}

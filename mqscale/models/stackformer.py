@@ -47,7 +47,8 @@ class Stackformer(nn.Module):
         n_cond = {"class": cfg.n_classes, "text": cfg.text_vocab_size, "none": 1}[cfg.cond]
         self.cond_emb = nn.Embedding(n_cond, C)
         self.block_size = cfg.resolved_block_size
-        self.abs_emb = nn.Parameter(torch.zeros(self.block_size, C)) if cfg.abs_pos else None
+        # an Embedding, not a bare Parameter: ZeRO-3 gathers and partitions parameters per module
+        self.abs_emb = nn.Embedding(self.block_size, C) if cfg.abs_pos else None
         self.drop = nn.Dropout(cfg.dropout)
         self.code_transformer = TransformerStack(cfg.n_code_layer, C, cfg.n_head, cfg.dropout)
         self.pos_transformer = TransformerStack(cfg.n_pos_layer, C, cfg.n_head, cfg.dropout)
@@ -81,8 +82,6 @@ class Stackformer(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif m is self and self.abs_emb is not None:
-            nn.init.normal_(self.abs_emb, 0.0, std)
 
     def set_activation_checkpointing(self, on: bool | list[int]) -> None:
         """True/False for every block, or a list of block indices (code blocks, then position)."""
@@ -116,7 +115,7 @@ class Stackformer(nn.Module):
             end = start + x.shape[1]
             if end > self.block_size:
                 raise ValueError(f"sequence of {end} is over block_size {self.block_size}")
-            x = x + self.abs_emb[start:end]
+            x = x + self.abs_emb(torch.arange(start, end, device=x.device))
         return self.first(self.drop(x), cache)
 
     def second_stream(self, h: torch.Tensor, first_ids: torch.Tensor,

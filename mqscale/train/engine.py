@@ -113,6 +113,8 @@ def build_engine(cfg: Config, world: int):
     """(engine, ds_config): the Stackformer wrapped by DeepSpeed with our optimizer recipe."""
     import deepspeed
 
+    # adopts the process group Ray Train (or the launcher) already made; ZeRO-3's Init needs it
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     ds = ds_config(cfg, world)
     model = build_model(cfg, ds)
     groups = param_groups(model, cfg.optim.weight_decay)

@@ -20,8 +20,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for name, p in mod.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            exempt = isinstance(mod, no_decay_modules) or name == "bias" or p.ndim < 2 \
-                or (mod is model and name == "abs_emb")
+            exempt = isinstance(mod, no_decay_modules) or name == "bias" or p.ndim < 2
             (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
