@@ -44,10 +44,30 @@ def reference_markdown(root: type = Config) -> str:
     return "\n".join(lines)
 
 
+SIZES = ("307m", "607m", "1.4b", "3b", "7b")
+
+
+def scaling_table() -> str:
+    """What fits where and how fast (``mqscale.plan`` at its defaults: 80 GB GPUs, 40% MFU of an
+    H100's dense bf16 peak, one ImageNet epoch), for the six named Stackformer configs."""
+    from mqscale.config import load_config
+    from mqscale.plan import plan
+    lines = ["| config | params | GFLOP/token | fits on 1 GPU | fits on 8 GPUs | tokens/s, 8 GPUs | "
+             "hours/epoch, 8 GPUs | hours/epoch, 64 GPUs |", "|---|---|---|---|---|---|---|---|"]
+    for size in SIZES:
+        cfg = load_config(f"configs/stackformer/{size}.yaml")
+        one, eight, many = plan(cfg, 1, 80.0), plan(cfg, 8, 80.0), plan(cfg, 8, 80.0, nodes=8)
+        lines.append(f"| {size} | {one['params'] / 1e6:,.0f}M | {one['train_flops_per_token'] / 1e9:.2f} | "
+                     f"{one['smallest_fit'] or 'no'} | {eight['smallest_fit'] or 'no'} | "
+                     f"{eight['tokens_per_s']:,.0f} | {24 * eight['days_per_epoch']:.2f} | {24 * many['days_per_epoch']:.3f} |")
+    return "\n".join(lines)
+
+
 def tables() -> dict[str, str]:
     from mqscale.tokenizer_config import TokenizerRunConfig
     return {"config-reference": reference_markdown(Config),
-            "tokenizer-config-reference": reference_markdown(TokenizerRunConfig)}
+            "tokenizer-config-reference": reference_markdown(TokenizerRunConfig),
+            "scaling-plan": scaling_table()}
 
 
 def readme_block(text: str, name: str = "config-reference") -> str:
