@@ -25,14 +25,14 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mqscale.demo
+	$(BIN)/python -m mqscale.train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# every benchmark script prints one JSON object
 bench: $(STAMP)
-	$(BIN)/python bench/sampling.py
-	$(BIN)/python bench/train_step.py
+	@for b in sampling train_step train data mqvae tokenize_stage; do $(BIN)/python bench/$$b.py || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,7 +6,7 @@ import torch
 
 from mqscale.config import DataConfig
 from mqscale.data.loader import StreamingLoader
-from tests.datagen import META, sequence, token_set
+from mqscale.data.synthetic import META, sequence, token_set
 
 COUNTS = [37, 50, 23, 41, 30]   # 5 uneven shards, 181 sequences
 

@@ -15,7 +15,7 @@ from mqscale.data import fs
 from mqscale.data.loader import StreamingLoader
 from mqscale.data.reader import ShardReadError
 from mqscale.data.tokens import TokenMeta, npy_bytes
-from tests.datagen import META, token_set
+from mqscale.data.synthetic import META, token_set
 
 COUNTS = [40, 40, 40]
 

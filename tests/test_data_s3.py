@@ -13,7 +13,7 @@ from mqscale.config import DataConfig
 from mqscale.data import fs
 from mqscale.data.loader import StreamingLoader
 from mqscale.data.manifest import ManifestError, read_manifest
-from tests.datagen import token_set
+from mqscale.data.synthetic import token_set
 from tests.test_data_tools import images
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from data_tools.shard_images import main as shard_images
 from mqscale.config import DataConfig
 from mqscale.data.loader import StreamingLoader
 from mqscale.data.manifest import read_manifest
-from tests.datagen import token_set
+from mqscale.data.synthetic import token_set
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ With Ray (default): a Ray Train TorchTrainer with ``ray.num_workers`` DeepSpeed 
 local Ray, the cluster at ``ray.address``, or under ``ray job submit``. With ``--launcher
 deepspeed`` (run by ``deepspeed --hostfile H -m mqscale.train ...``): the same loop in the
 processes the launcher starts. With no --config: the main job, configs/demo.yaml, which first
-builds its demo token shards and tokenizer when they are missing.
+builds its demo token shards and tokenizer when they are missing (see ``main_job.py``).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sys
 
 from mqscale.cli import UserError, add_config_args, config_from_args, guarded
 from mqscale.config import Config, from_dict, to_dict
+from mqscale.train.main_job import DemoData
 
 DEMO = "configs/demo.yaml"
 
@@ -86,7 +87,10 @@ def report(cfg: Config, url: str) -> None:
     print(f"checkpoints: {', '.join(f.url.rsplit('/', 1)[-1] for f in found[:3]) or 'none'}")
     if found:
         print(f"export: python -m mqscale.export {found[0].url} exported/{cfg.name}")
-    print(f"samples: {url}/samples/")
+    from mqscale.data import fs
+    final = fs.join(url, f"samples/step_{cfg.train.max_steps:09d}.png")
+    if cfg.logging.tokenizer and fs.exists(final, cfg.checkpoint.storage_options):
+        print(f"samples: {final} (one row per class)")
     print(f"tensorboard: tensorboard --logdir {tb.split(' ')[0]}")
 
 
@@ -98,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launcher", choices=["ray", "deepspeed"], default="ray")
     p.add_argument("--resume-from", default="", help="a checkpoint URL to resume from (verified)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    g = p.add_argument_group("the main job (no --config)")
+    g.add_argument("--demo-images", type=int, default=DemoData.images, help="shapes images to build")
+    g.add_argument("--demo-tokenizer-steps", type=int, default=DemoData.tokenizer_steps,
+                   help="steps of the demo tokenizer")
     ns = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     main_job = ns.config is None
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     absolutize(cfg)
     if main_job:
         from mqscale.train.main_job import ensure_demo_data
-        ensure_demo_data(cfg)
+        ensure_demo_data(cfg, DemoData(ns.demo_images, ns.demo_tokenizer_steps))
     if ns.launcher == "deepspeed":
         return with_deepspeed(cfg)
     if ns.local_rank is not None:

@@ -156,14 +156,18 @@ class Trainer:
         codes, pos = batch["codes"][keep].to(self.device), batch["positions"][keep].to(self.device)
         cond = batch["cond"][keep].to(self.device) if "cond" in batch else None
         out = self.engine(codes, pos, cond=cond)
-        loss = out.loss * weight
+        loss = inject_nan(out.loss * weight, self.step + 1, self.rank)
         finite = torch.tensor([float(torch.isfinite(loss).item())], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         ok = bool(finite.item())
         if ok:
+            boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.backward(loss)
             self.engine.step()
+            # DeepSpeed (bf16 and fp16 alike) skips an update whose gradient norm is not finite
+            if boundary and not self.engine.was_step_applied():
+                ok = False
         parts = {"loss/total": out.loss.item(), "loss/code": out.code_loss.item(),
                  "loss/position": out.pos_loss.item(), "sequences": float(keep.sum()) * weight}
         return loss, parts, ok
@@ -171,6 +175,11 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         max_steps, every = cfg.train.max_steps, cfg.checkpoint.every_steps or math.inf
+        if self.restored_from and self.step >= max_steps:
+            log.info("rank %d: %s is at step %d already (train.max_steps=%d): nothing to do", self.rank,
+                     self.restored_from, self.step, max_steps)
+            self.metrics.close()
+            return {"step": self.step, "tokens": self.tokens, "nonfinite_skipped": 0}
         it = self.batches()
         window: list[dict] = []
         wait = busy = 0.0
@@ -189,11 +198,12 @@ class Trainer:
             if not ok:
                 self.nonfinite_streak += 1
                 self.nonfinite_total += 1
-                log.warning("rank %d: non-finite loss at step %d, micro-batch skipped (%d in a row)", self.rank,
-                            self.step, self.nonfinite_streak)
+                log.warning("rank %d: non-finite loss or gradient at step %d, skipped (%d in a row)", self.rank,
+                            self.step + 1, self.nonfinite_streak)
                 if self.nonfinite_streak > cfg.train.max_nonfinite:
                     self.save({"step": self.step, "stopped": 1.0})
-                    raise TrainingStopped(f"{self.nonfinite_streak} non-finite losses in a row at step {self.step} "
+                    raise TrainingStopped(f"{self.nonfinite_streak} non-finite losses or gradients in a row at step "
+                                          f"{self.step + 1} "
                                           f"(train.max_nonfinite={cfg.train.max_nonfinite}); saved a checkpoint and stopped")
                 continue
             self.nonfinite_streak = 0
@@ -279,6 +289,38 @@ def fault_point(step: int, rank: int) -> None:
         Path(flag).write_text(f"killed rank {rank} at step {step}\n")
         log.warning("fault injection: rank %d exits at step %d", rank, step)
         os._exit(17)
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+_injected: dict[tuple[str, int], int] = {}
+
+
+def inject_nan(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """Fault injection for the test suite: ``MQSCALE_FAULT_NAN=kind:step:times[,...]`` with kind
+    ``loss`` (the loss becomes NaN) or ``grad`` (the loss stays finite, its gradient is NaN), for
+    the first ``times`` micro-batches working towards optimizer step ``step``, on rank 0."""
+    spec = os.environ.get("MQSCALE_FAULT_NAN")
+    if not spec or rank != 0:
+        return loss
+    for item in spec.split(","):
+        kind, at, times = item.split(":")
+        key = (kind, int(at))
+        if step == int(at) and _injected.get(key, 0) < int(times):
+            _injected[key] = _injected.get(key, 0) + 1
+            log.warning("fault injection: non-finite %s at step %d", kind, step)
+            return loss * float("nan") if kind == "loss" else _NaNGradient.apply(loss)
+    return loss
 
 
 def _local_tb_dir(run_url: str) -> str:

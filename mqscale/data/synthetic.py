@@ -1,4 +1,6 @@
-"""Test data builders: token shard sets with known contents (and ways to damage them)."""
+"""Synthetic token shards with known contents: random raster-ordered sequences whose first codes
+encode their own sample id, so any row names the sample it came from. The tests use them to
+check exactly-once delivery; the benchmarks use them to train without a tokenizer."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,6 +32,7 @@ def produce_tokens(f, job: ShardJob) -> int:
 
 def token_set(base: str, counts: list[int], meta: TokenMeta = META, chunk: int = 16,
               storage_options: dict | None = None):
+    """Write ``len(counts)`` token shards (with ``counts[i]`` sequences each) and their manifest."""
     jobs, off = [], 0
     for i, n in enumerate(counts):
         ids = list(range(off, off + n))
