@@ -39,15 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     from mqscale.data.loader import resolve_source
     src = resolve_source(cfg.data.train_url, "images", cfg.data.storage_options)  # fail here, not in a worker
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from mqscale.train.ray_launch import absolute, launch
+    from mqscale.train.ray_launch import absolute, failure_line, launch
     cfg.data.train_url = absolute(cfg.data.train_url)
     cfg.logging.tensorboard_dir = absolute(cfg.logging.tensorboard_dir)
     cfg.loss.vgg_weights, cfg.loss.lpips_weights = absolute(cfg.loss.vgg_weights), absolute(cfg.loss.lpips_weights)
     try:
         result = launch(worker, to_dict(cfg), cfg.ray, cfg.checkpoint, cfg.name)
     except Exception as e:  # the workers' traceback is already in the log above
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        print(f"training failed: {last}")
+        print(f"training failed: {failure_line(e)}")
         return 1
     ckpt = getattr(result, "checkpoint", None)
     print(f"trained {cfg.name} on {src.total} images; tokenizer checkpoint: {ckpt.path if ckpt else 'none'}")

@@ -227,5 +227,6 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_with_a_checkpoin
               env={"MQSCALE_FAULT_NAN": "loss:10:1000"})
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("training failed:") and "3 non-finite losses or gradients in a row at step 10" in last
+    assert last.startswith("training failed:") and "3 non-finite losses or gradients in a row at step 10" in last, \
+        r.stderr[-2000:]
     assert CheckpointStore(str(run)).latest_valid().step == 9

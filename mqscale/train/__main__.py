@@ -45,7 +45,7 @@ def run_url(cfg: Config) -> str:
 
 
 def with_ray(cfg: Config) -> int:
-    from mqscale.train.ray_launch import launch
+    from mqscale.train.ray_launch import failure_line, launch
     from mqscale.train.validate import validate_run
 
     validate_run(cfg, cfg.ray.num_workers)
@@ -53,8 +53,7 @@ def with_ray(cfg: Config) -> int:
     try:
         launch(worker, {**to_dict(cfg), "_run_url": url}, cfg.ray, cfg.checkpoint, cfg.name)
     except Exception as e:  # the workers' tracebacks are already in the log above
-        msg = str(e).strip().splitlines()
-        print(f"training failed: {msg[-1] if msg else type(e).__name__}", file=sys.stderr)
+        print(f"training failed: {failure_line(e)}", file=sys.stderr)
         return 1
     report(cfg, url)
     return 0

@@ -43,7 +43,8 @@ def launch(worker_fn: Callable[[dict], None], config: dict, ray_cfg: RayConfig, 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()
+    if started_here:
         address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True, include_dashboard=False if not address else None)
     path, filesystem = storage(ckpt_cfg.dir, ckpt_cfg.storage_options)
@@ -57,4 +58,15 @@ def launch(worker_fn: Callable[[dict], None], config: dict, ray_cfg: RayConfig, 
                              failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                              checkpoint_config=RayCheckpointConfig(num_to_keep=ckpt_cfg.keep_last)),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception:
+        if started_here:  # flushes the workers' last log lines before the caller prints why
+            ray.shutdown()
+        raise
+
+
+def failure_line(e: Exception) -> str:
+    """The line that says why a run failed: the workers' own error, not Ray's wrapping of it."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
