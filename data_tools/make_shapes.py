@@ -113,7 +113,9 @@ def write_shapes(out: str, count: int, resolution: int = 64, seed: int = 0, shar
     for s, lo in enumerate(range(0, count, shard_size)):
         idx = list(range(lo, min(count, lo + shard_size)))
         jobs.append(ShardJob(s, shard_name("shapes", s), [f"{i:09d}" for i in idx], (seed, resolution, fmt, idx)))
-    meta = {"source": "make_shapes", "seed": seed, "resolution": resolution, "count": count}
+    # Everything that decides a shard's bytes: a rerun keeps shards only when all of it is unchanged.
+    meta = {"source": "make_shapes", "seed": seed, "resolution": resolution, "count": count,
+            "image_format": fmt}
     return write_shard_set(out, jobs, produce, fmt=IMAGES_FORMAT, classes=list(KINDS), meta=meta,
                            workers=workers, storage_options=storage_options, progress=progress,
                            created_by="data_tools.make_shapes")
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     res = write_shapes(ns.out, ns.count, ns.resolution, ns.seed, ns.shard_size, ns.image_format,
                        ns.workers, ns.storage_options, not ns.no_progress)
     print(f"{res.samples} shapes images ({ns.resolution}px, {len(KINDS)} classes) -> {res.manifest_url} "
-          f"(written {res.written}, kept {res.kept}; {res.items_per_s:.0f} images/s)")
+          f"(written {res.written}, kept {res.kept}{res.note()}; {res.items_per_s:.0f} images/s)")
     return 0
 
 

@@ -7,11 +7,13 @@ INPUT is one of (``--input-format auto`` tells them apart):
   jsonl    lines of {"image": path, "caption": text[, "label": int]}
 
 OUT_URL is any fsspec URL (a path, file://, s3://, memory://). Each shard is committed
-atomically; a rerun keeps shards that are complete and verified; manifest.json comes last.
+atomically; a rerun keeps shards that are complete, verified and made with the same options
+(else it rewrites them all); manifest.json comes last.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import posixpath
 from dataclasses import dataclass
@@ -88,6 +90,13 @@ def discover(inp: str, kind: str, so: dict | None) -> tuple[list[Entry], list[st
                 raise UserError(f"{inp}:{n}: not an {{\"image\": ..., \"caption\": ...}} line ({e})") from None
         return entries, None, kind
     raise UserError(f"input format {kind!r} is not one of auto, folder, classes, list, jsonl")
+
+
+def inputs_sha256(entries: list[Entry]) -> str:
+    """A checksum of the ordered input list: keys are indices, so an added or renamed file
+    shifts what every later key holds, and a rerun must see that."""
+    text = json.dumps([[e.source, e.label, e.caption] for e in entries], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def sample_members(key: str, e: Entry, opts: Options) -> list[tuple[str, bytes]]:
@@ -170,12 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(ns.resolution, ns.image_format, ns.quality, so)
     per = samples_per_shard(entries, opts, ns.shard_mb) if ns.shard_mb else ns.shard_size
     jobs = plan(entries, per, ns.prefix, opts)
-    meta = {"source": ns.input, "input_format": kind, "resolution": ns.resolution, "seed": ns.seed}
+    # Everything that decides a shard's bytes: a rerun keeps shards only when all of it is unchanged.
+    meta = {"source": ns.input, "input_format": kind, "resolution": ns.resolution, "seed": ns.seed,
+            "image_format": ns.image_format, "quality": ns.quality, "inputs_sha256": inputs_sha256(entries)}
     res = write_shard_set(ns.out, jobs, produce, fmt=IMAGES_FORMAT, classes=classes, meta=meta,
                           workers=ns.workers, storage_options=so, progress=not ns.no_progress,
                           created_by="data_tools.shard_images")
     print(f"{res.samples} images in {len(jobs)} shards -> {res.manifest_url} "
-          f"(written {res.written}, kept {res.kept}; {res.items_per_s:.0f} images/s)")
+          f"(written {res.written}, kept {res.kept}{res.note()}; {res.items_per_s:.0f} images/s)")
     return 0
 
 

@@ -132,3 +132,12 @@ def load_stackformer(state_dict: dict[str, torch.Tensor], *, n_classes: int, cod
 
 def full_config(model_cfg: ModelConfig, name: str = "official-stackformer") -> Config:
     return from_dict({"name": name, "model": to_dict(model_cfg)}, "official checkpoint")
+
+
+def __getattr__(name: str):
+    """``load_mqvae`` lives in official_mqvae.py; resolve it lazily so that importing this module
+    (the Stackformer converter) neither loads the tokenizer stack nor risks an import cycle."""
+    if name == "load_mqvae":
+        from mqscale.convert.official_mqvae import load_mqvae
+        return load_mqvae
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

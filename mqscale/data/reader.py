@@ -95,14 +95,14 @@ class ShardReader:
                 self._unreadable(shard, e)
         if done < end:
             self.stats.missing_samples += end - done
-            self.stats.note(f"{shard.url}: {end - done} promised samples missing")
+            self.stats.warn(f"{shard.url}: {end - done} promised samples missing")
             yield self.holes(end - done)
 
     def _unreadable(self, shard: Shard, e: Exception) -> None:
         if self.spec.on_shard_error == "fail":
             raise ShardReadError(f"shard {shard.url}: cannot be read ({type(e).__name__}: {e})") from None
         self.stats.unreadable_shards += 1
-        self.stats.note(f"{shard.url}: unreadable, skipped ({type(e).__name__}: {e})")
+        self.stats.warn(f"{shard.url}: unreadable, skipped ({type(e).__name__}: {e})")
 
     def _tokens(self, f, shard: Shard, start: int, end: int) -> Iterator[tuple[int, Block]]:
         meta, chunk = self.spec.meta, 0
@@ -117,7 +117,7 @@ class ShardReader:
                                           "posbits_flip.npy"})
             if not chunk or not key.isdigit():
                 self.stats.corrupt_shards += 1
-                self.stats.note(f"{shard.url}: member {key!r} before a header or not a chunk; shard skipped")
+                self.stats.warn(f"{shard.url}: member {key!r} before a header or not a chunk; shard skipped")
                 return
             pos = int(key) * chunk
             if pos >= end:
@@ -160,7 +160,7 @@ class ShardReader:
             why, chunk = f"bad header ({type(e).__name__}: {e})", 0
         if why:
             self.stats.corrupt_shards += 1
-            self.stats.note(f"{shard.url}: {why}; shard skipped")
+            self.stats.warn(f"{shard.url}: {why}; shard skipped")
             return 0
         return chunk
 

@@ -3,10 +3,13 @@
 Members ``dir/key.ext1.ext2`` group into samples by key, in order. Reading refuses pickle-like
 members (counted, their bytes dropped unread by any decoder) and turns a truncated or corrupt
 archive into a counted event that ends the shard, instead of an exception that ends the run.
+Shard-level events (corrupt, unreadable, refused members) are also logged as warnings on the
+``mqscale.data`` logger, once per shard and event, so an operator sees which shard is bad.
 """
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -14,6 +17,8 @@ from typing import IO, Iterator
 
 # Extensions whose usual decoders unpickle: never decoded, always refused and counted.
 REFUSED_EXTS = {"pyd", "pkl", "pickle", "pth", "pt", "ckpt", "joblib"}
+
+log = logging.getLogger("mqscale.data")
 
 
 @dataclass
@@ -32,6 +37,11 @@ class ReadStats:
 
     def note(self, msg: str) -> None:
         self.events = (self.events + [msg])[-20:]
+
+    def warn(self, msg: str) -> None:
+        """A shard-level event: kept like ``note`` and logged (callers warn once per shard)."""
+        self.note(msg)
+        log.warning("%s", msg)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "events"}
@@ -71,6 +81,7 @@ def iter_samples(f: IO[bytes], shard: str, stats: ReadStats) -> Iterator[tuple[s
     missing members and is dropped with the shard counted corrupt."""
     src = _TailReader(f)
     key, sample = None, {}
+    refused = 0
     try:
         with tarfile.open(fileobj=src, mode="r|*") as tf:
             for member in tf:
@@ -79,7 +90,12 @@ def iter_samples(f: IO[bytes], shard: str, stats: ReadStats) -> Iterator[tuple[s
                 k, ext = split_name(member.name)
                 if ext.rsplit(".", 1)[-1].lower() in REFUSED_EXTS:
                     stats.refused_members += 1
-                    stats.note(f"{shard}: refused {member.name} (pickle-like member, not decoded)")
+                    msg = f"{shard}: refused {member.name} (pickle-like member, not decoded)"
+                    if refused:
+                        stats.note(msg)
+                    else:  # logged once per shard: a shard full of pickles must not flood the log
+                        stats.warn(msg + "; further refusals in this shard are counted, not logged")
+                    refused += 1
                     continue
                 data = tf.extractfile(member).read()
                 if len(data) != member.size:
@@ -93,7 +109,7 @@ def iter_samples(f: IO[bytes], shard: str, stats: ReadStats) -> Iterator[tuple[s
             raise tarfile.ReadError("no end-of-archive marker (truncated)")
     except (tarfile.TarError, EOFError, ValueError) as e:  # OSError (storage) propagates
         stats.corrupt_shards += 1
-        stats.note(f"{shard}: corrupt or truncated after key {key!r} ({e}); rest of shard skipped")
+        stats.warn(f"{shard}: corrupt or truncated after key {key!r} ({e}); rest of shard skipped")
         return  # the partly read sample is dropped: its members may be incomplete
     if key is not None:
         yield key, sample

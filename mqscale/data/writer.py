@@ -10,19 +10,30 @@ order. ``write_shard_set`` then, for each shard:
   upload), so a crash leaves no half shard under a final name;
 
 and writes ``manifest.json`` only after every shard is in place.
+
+Keys are indices, so the same keys can hold other content when a content option (seed,
+resolution, image format, ...) changes. A shard is therefore kept only when the run that wrote
+it had the same *settings* (format, classes, meta): those of the previous manifest, or, when a
+run was killed before its manifest, of ``.pending-manifest.json``, which each run writes before
+its first shard and removes after its manifest. When the settings differ or are unknown, the
+old manifest and the planned shard names are removed first (so no later run can vouch for
+them), then every shard is written anew.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import multiprocessing as mp
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from mqscale.data import fs
-from mqscale.data.manifest import (Manifest, ManifestError, ShardInfo, read_manifest, sha256_url,
-                                   write_manifest)
+from mqscale.data.manifest import (Manifest, ManifestError, ShardInfo, manifest_url, read_manifest,
+                                   sha256_url, write_manifest)
 from mqscale.data.tario import Progress, ReadStats, iter_samples
+
+PENDING_NAME = ".pending-manifest.json"   # the settings of a run that has not written its manifest
 
 
 @dataclass
@@ -45,6 +56,11 @@ class SetResult:
     kept: int
     samples: int
     items_per_s: float
+    changed: list[str] = field(default_factory=list)  # settings that differ from the last run's
+
+    def note(self) -> str:
+        """For a tool's summary line: why nothing was kept, when settings changed."""
+        return f"; {', '.join(self.changed)} changed, shards rewritten" if self.changed else ""
 
 
 def shard_name(prefix: str, i: int) -> str:
@@ -74,6 +90,42 @@ def clean_stale_temporaries(base: str, storage_options: dict | None) -> int:
     return len(stale)
 
 
+def settings_of(fmt: str, classes: list[str] | None, meta: dict | None) -> dict:
+    """What decides a shard's bytes besides its keys, as JSON would give it back."""
+    return json.loads(json.dumps({"format": fmt, "classes": classes, "meta": meta or {}}, sort_keys=True))
+
+
+def settings_diff(old: dict | None, new: dict) -> list[str]:
+    """Names of the settings that differ (``["unknown"]`` when the old ones are not recorded)."""
+    if old is None:
+        return ["unknown"]
+    out = [k for k in ("format", "classes") if old.get(k) != new[k]]
+    om, nm = old.get("meta") or {}, new["meta"]
+    return out + [k for k in sorted(set(om) | set(nm)) if om.get(k) != nm.get(k)]
+
+
+def _previous(base: str, storage_options: dict | None) -> tuple[dict | None, dict[str, ShardInfo], bool]:
+    """(settings the existing shards were written with, the manifest's shards, pending file seen)."""
+    try:
+        m = read_manifest(base, storage_options)
+        shards = {s.name: s for s in m.shards}
+        recorded = settings_of(m.format, m.classes, m.meta)
+    except ManifestError:
+        shards, recorded = {}, None
+    try:  # a killed run's settings are newer than any manifest it left
+        return json.loads(fs.read_bytes(fs.join(base, PENDING_NAME), storage_options)), shards, True
+    except FileNotFoundError:
+        return recorded, shards, False
+    except ValueError:  # an unreadable record vouches for nothing
+        return None, shards, True
+
+
+def _remove(url: str, storage_options: dict | None) -> None:
+    filesystem, path = fs.get_fs(url, storage_options)
+    if filesystem.exists(path):
+        filesystem.rm(path)
+
+
 def _run_job(produce: Callable, job: ShardJob, base: str, storage_options: dict | None) -> ShardInfo:
     url = fs.join(base, job.name)
     with fs.atomic_writer(url, storage_options) as f:
@@ -91,16 +143,22 @@ def write_shard_set(base: str, jobs: Sequence[ShardJob], produce: Callable, *, f
     """``produce(stream, job) -> samples written`` must be a picklable top-level function."""
     fs.makedirs(base, storage_options)
     clean_stale_temporaries(base, storage_options)
-    try:
-        previous = {s.name: s for s in read_manifest(base, storage_options).shards}
-    except ManifestError:
+    want = settings_of(fmt, classes, meta)
+    recorded, previous, pending = _previous(base, storage_options)
+    changed = settings_diff(recorded, want)
+    if changed:  # nothing here was written with these settings: remove it before vouching anew
+        _remove(manifest_url(base), storage_options)
+        for name in sorted(set(previous) | {j.name for j in jobs}):
+            _remove(fs.join(base, name), storage_options)
         previous = {}
+    if changed or not pending:
+        fs.write_bytes(fs.join(base, PENDING_NAME), json.dumps(want, sort_keys=True).encode(), storage_options)
     infos: dict[int, ShardInfo] = {}
     todo: list[ShardJob] = []
     bar = Progress(sum(j.samples for j in jobs), f"shards -> {base}", unit, progress)
     for job in jobs:
         url = fs.join(base, job.name)
-        if fs.exists(url, storage_options) and holds_exactly(url, job.keys, storage_options):
+        if not changed and fs.exists(url, storage_options) and holds_exactly(url, job.keys, storage_options):
             sha, size = sha256_url(url, storage_options)
             old = previous.get(job.name)
             if old is None or old.sha256 == sha:
@@ -125,4 +183,6 @@ def write_shard_set(base: str, jobs: Sequence[ShardJob], produce: Callable, *, f
     manifest = Manifest(format=fmt, shards=[infos[j.index] for j in jobs], classes=classes,
                         meta=meta or {}, created_by=created_by)
     url = write_manifest(base, manifest, storage_options)
-    return SetResult(url, len(todo), len(jobs) - len(todo), manifest.total, rate)
+    _remove(fs.join(base, PENDING_NAME), storage_options)
+    return SetResult(url, len(todo), len(jobs) - len(todo), manifest.total, rate,
+                     [c for c in changed if c != "unknown"])

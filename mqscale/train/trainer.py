@@ -233,7 +233,7 @@ class Trainer:
         n = max(1, len(window))
         v = {k: sum(w[k] for w in window) / n for k in ("loss/total", "loss/code", "loss/position")}
         seqs = sum(w["sequences"] for w in window)
-        stats = torch.tensor([seqs, busy, wait], dtype=torch.float64)
+        stats = torch.tensor([seqs, busy, wait], dtype=torch.float64, device=self.device)  # NCCL: on the GPU
         if dist.is_initialized():
             dist.all_reduce(stats)
             stats[1:] /= self.world
@@ -245,10 +245,12 @@ class Trainer:
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             v["grad_norm"] = float(gn)
-        for k, x in self.loader.stats().items():
-            if k in ("invalid_samples", "undecodable", "corrupt_shards", "unreadable_shards", "refused_members",
-                     "missing_samples", "padding"):
-                v[f"data/{k}"] = float(x)
+        counters = self.loader.stats()            # delivered samples and every skip counter, all ranks
+        keys = sorted(counters)
+        summed = torch.tensor([float(counters[k]) for k in keys], dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(summed)
+        v.update({f"data/{k}": x for k, x in zip(keys, summed.tolist())})
         self.metrics.scalars(self.step, v)
         self.metrics.console(self.step, self.cfg.train.max_steps, v)
         return v
