@@ -46,6 +46,26 @@ def test_truncated_shard_is_counted_and_the_rest_arrives(tmp_path):
     assert any("tokens-000001.tar" in e for e in loader.events)
 
 
+def test_bad_shards_are_logged_by_name_once(tmp_path, caplog):
+    token_set(str(tmp_path), COUNTS)
+    shard = tmp_path / "tokens-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])          # truncated
+    members = members_of(tmp_path / "tokens-000002.tar")
+    with tarfile.open(tmp_path / "tokens-000002.tar", "w") as tf:
+        for name, data in members:
+            _add(tf, name, data)
+            if name.endswith(".codes.npy"):               # a pickle in every chunk: one warning
+                _add(tf, name.replace("codes.npy", "evil.pkl"), b"not unpickled")
+    with caplog.at_level("WARNING", logger="mqscale.data"):
+        list(StreamingLoader(str(tmp_path), cfg(shuffle=False)))
+    warned = [r.getMessage() for r in caplog.records if r.name == "mqscale.data" and r.levelname == "WARNING"]
+    corrupt = [m for m in warned if "tokens-000001.tar" in m and "corrupt or truncated" in m]
+    refused = [m for m in warned if "tokens-000002.tar" in m and "refused" in m]
+    assert len(corrupt) == 1 and str(tmp_path) in corrupt[0]
+    assert len(refused) == 1 and "evil.pkl" in refused[0]
+    assert not [m for m in warned if "tokens-000000.tar" in m]
+
+
 class _Bomb:
     """Unpickling this creates a file: proof that something unpickled a member."""
     def __init__(self, path):

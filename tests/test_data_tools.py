@@ -169,9 +169,134 @@ def test_inspect_token_shards_shows_usage_and_mask_map(tmp_path):
     assert "codebook usage:" in r.stdout and "mean kept-position map:" in r.stdout
     js = json.loads(tool("data_tools.inspect", str(tmp_path), "--json").stdout)
     assert js["length_histogram"] == {"12": 50} and sum(js["class_histogram"].values()) == 50
-    assert js["bytes_per_sample"] > 0
+    assert js["bytes_per_sample"] > 0 and js["length_mismatches"] == 0
+    mm = np.array(js["mean_mask_map"])              # [grid, grid]; each sequence keeps 12 of 64
+    assert mm.shape == (8, 8) and abs(mm.sum() - 12) < 1e-2 and 0 <= mm.min() <= mm.max() <= 1
 
 
 def test_missing_input_is_one_line(tmp_path):
     r = tool("data_tools.shard_images", str(tmp_path / "nope"), str(tmp_path / "out"))
     assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: input not found"
+
+
+def test_rerun_with_other_content_options_rewrites_every_shard(tmp_path):
+    out = str(tmp_path / "s")
+    base = ["data_tools.make_shapes", out, "--count", "30", "--resolution", "16", "--shard-size", "10",
+            "--no-progress"]
+    assert tool(*base, "--seed", "1").returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").glob("shapes-*.tar")}
+    r = tool(*base, "--seed", "2")
+    assert r.returncode == 0, r.stderr
+    assert "written 3, kept 0; seed changed, shards rewritten" in r.stdout
+    after = {p.name: p.read_bytes() for p in (tmp_path / "s").glob("shapes-*.tar")}
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)
+    m = read_manifest(out)
+    assert m.meta["seed"] == 2 and m.meta["resolution"] == 16
+    with tarfile.open(tmp_path / "s" / "shapes-000001.tar") as tf:   # the content is what meta says
+        first = Image.open(tf.extractfile("000000010.png"))
+        assert np.array_equal(np.asarray(first), np.asarray(make_image(2, 10, 16)[0]))
+    r = tool(*base, "--seed", "2", "--image-format", "jpg")
+    assert "written 3, kept 0; image_format changed" in r.stdout
+    r = tool(*base, "--seed", "2", "--image-format", "jpg")
+    assert "written 0, kept 3;" in r.stdout and not (tmp_path / "s" / ".pending-manifest.json").exists()
+
+
+def test_shard_images_rerun_sees_resolution_quality_and_input_changes(tmp_path, capsys):
+    images(tmp_path / "src", 5)
+    args = [str(tmp_path / "src"), str(tmp_path / "out"), "--shard-size", "3", "--image-format", "jpg",
+            "--no-progress"]
+    for extra, expect in ((["--resolution", "16"], "written 2, kept 0;"),
+                          (["--resolution", "8"], "kept 0; resolution changed"),
+                          (["--resolution", "8", "--quality", "50"], "kept 0; quality changed"),
+                          (["--resolution", "8", "--quality", "50"], "written 0, kept 2;")):
+        assert shard_images(args + extra) == 0
+        assert expect in capsys.readouterr().out
+    images(tmp_path / "src", 1, start=100)          # a new file shifts what the index keys hold
+    assert shard_images(args + ["--resolution", "8", "--quality", "50"]) == 0
+    assert "kept 0; inputs_sha256 changed" in capsys.readouterr().out
+    assert read_manifest(str(tmp_path / "out")).total == 6
+
+
+class Killed(Exception):
+    pass
+
+
+def _produce_until(f, job):
+    """Writes job.items[1]'s bytes, or dies like a killed run on the shard job.items[0] names."""
+    stop, tag = job.items
+    if job.index == stop:
+        raise Killed
+    from mqscale.data.tario import TarWriter
+    w = TarWriter(f)
+    for k in job.keys:
+        w.add(f"{k}.txt", tag.encode())
+    w.close()
+    return len(job.keys)
+
+
+def test_a_killed_rewrite_never_leaves_old_shards_to_be_trusted(tmp_path):
+    from mqscale.data.manifest import IMAGES_FORMAT
+    from mqscale.data.writer import ShardJob, write_shard_set
+
+    def run(tag, stop=-1):
+        jobs = [ShardJob(i, f"s-{i}.tar", [f"{i}a", f"{i}b"], (stop, tag)) for i in range(3)]
+        return write_shard_set(str(tmp_path), jobs, _produce_until, fmt=IMAGES_FORMAT, meta={"tag": tag},
+                               progress=False)
+
+    def tags():
+        out = []
+        for i in range(3):
+            p = tmp_path / f"s-{i}.tar"
+            out.append(tarfile.open(p).extractfile(f"{i}a.txt").read().decode() if p.exists() else None)
+        return out
+
+    run("old")
+    with pytest.raises(Killed):
+        run("new", stop=1)            # killed after shard 0, with the old set's shards 1, 2 still around
+    assert tags() == ["new", None, None] and not (tmp_path / "manifest.json").exists()
+    res = run("new")
+    assert (res.written, res.kept) == (2, 1) and tags() == ["new"] * 3
+    with pytest.raises(Killed):
+        run("old", stop=2)
+    assert tags() == ["old", "old", None]
+    res = run("new")                  # the record says "old": no shard is vouched for
+    assert (res.written, res.kept, res.changed) == (3, 0, ["tag"]) and tags() == ["new"] * 3
+
+
+def test_inspect_measures_row_lengths_and_reports_the_mask_map(tmp_path):
+    lengths = [12] * 16
+    lengths[3], lengths[7], lengths[9] = 11, 13, 11     # rows a writer would refuse, planted by hand
+    js = json.loads(tool("data_tools.inspect", str(_plant_lengths(tmp_path / "bad", lengths)), "--json").stdout)
+    assert js["length_histogram"] == {"11": 2, "12": 13, "13": 1} and js["length_mismatches"] == 3
+    assert js["samples"] == 13 and np.array(js["mean_mask_map"]).shape == (8, 8)
+    r = tool("data_tools.inspect", str(tmp_path / "bad"))
+    assert "3 rows not of length 12" in r.stdout
+
+
+def _plant_lengths(base: Path, lengths: list[int]) -> Path:
+    from mqscale.data.manifest import TOKENS_FORMAT
+    from mqscale.data.synthetic import META
+    from mqscale.data.writer import ShardJob, write_shard_set
+
+    write_shard_set(str(base), [ShardJob(0, "tokens-000000.tar", ["header", "000000"], lengths, n=len(lengths))],
+                    _produce_lengths, fmt=TOKENS_FORMAT, meta=META.to_dict(), progress=False)
+    return base
+
+
+def _produce_lengths(f, job):
+    from mqscale.data.synthetic import META
+    from mqscale.data.tario import TarWriter
+    from mqscale.data.tokens import header_bytes, npy_bytes
+
+    g = np.random.default_rng(0)
+    n = len(job.items)
+    grid = np.zeros((n, META.n_positions), bool)
+    for i, L in enumerate(job.items):
+        grid[i, np.sort(g.permutation(META.n_positions)[:L])] = True
+    w = TarWriter(f)
+    w.add("header.json", header_bytes(META, 0, n, 16))
+    w.add("000000.codes.npy", npy_bytes(g.integers(0, META.codebook_size, (n, META.seq_len)).astype(np.int16)))
+    w.add("000000.posbits.npy", npy_bytes(np.packbits(grid, axis=1)))
+    w.add("000000.labels.npy", npy_bytes(np.zeros(n, np.int32)))
+    w.close()
+    return n
