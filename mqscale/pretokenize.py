@@ -308,6 +308,10 @@ def run(opts: Options, workers: int = 1, address: str | None = None, progress: b
     """``workers`` Ray actors (0: in this process, no Ray). Writes the manifest last."""
     import time
 
+    if address and workers == 0:
+        raise UserError(f"--address {address} needs Ray actors, but --workers 0 runs in this process "
+                        "without Ray; give --workers N (N >= 1)")
+
     from mqscale.data.tario import Progress
 
     tok_sha, tok_cfg = tokenizer_identity(opts.tokenizer)
@@ -370,8 +374,34 @@ def _execute(opts: Options, meta: TokenMeta, jobs: list[Job], workers: int, addr
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False if not address else None)
-    gpu = bool(ray.cluster_resources().get("GPU", 0))
-    cpus = 1 if gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
-    actor = ray.remote(num_gpus=1 if gpu else 0, num_cpus=cpus)(ShardTokenizer)
-    pool = ActorPool([actor.remote(opts, meta, None, cpus) for _ in range(workers)])
+    n, cpus, gpus = actor_sizes([node["Resources"] for node in ray.nodes() if node.get("Alive")], workers)
+    if n < workers:
+        log.warning("--workers %d: the Ray cluster can place only %d tokenizer actors (%d CPU%s each); "
+                    "using %d", workers, n, cpus, f", {gpus} GPU" if gpus else "", n)
+    actor = ray.remote(num_gpus=gpus, num_cpus=cpus)(ShardTokenizer)
+    pool = ActorPool([actor.remote(opts, meta, None, cpus) for _ in range(n)])
     yield from pool.map_unordered(lambda a, j: a.run.remote(j), jobs)
+
+
+def actor_sizes(nodes: list[dict], workers: int) -> tuple[int, int, int]:
+    """(actors, CPUs each, GPUs each) for ``workers`` tokenizer actors on nodes with these Ray
+    resources (``{"CPU": 16, "GPU": 2, ...}`` each), such that every actor can be placed at once.
+
+    Why: the pool hands a shard to every actor up front, so one actor Ray can never place (asking
+    more CPUs than any node has, or a GPU beyond the cluster's) hangs the run instead of failing.
+    With GPUs there is one actor per GPU (and a CPU beside it); otherwise the cluster's CPUs are
+    shared out, no actor asking more than its node holds, and actors that do not fit are dropped.
+    """
+    gpu_nodes = [(int(r.get("GPU", 0)), int(r.get("CPU", 0))) for r in nodes if int(r.get("GPU", 0)) >= 1]
+    if gpu_nodes:
+        slots = sum(min(g, c) for g, c in gpu_nodes)
+        if not slots:
+            raise UserError("the Ray cluster's GPU nodes have no CPU to run a tokenizer actor beside a GPU")
+        return min(workers, slots), 1, 1
+    cpus = [int(r.get("CPU", 0)) for r in nodes]
+    if not any(cpus):
+        raise UserError("the Ray cluster has no CPU to run a tokenizer actor on")
+    each = max(1, min(sum(cpus) // workers, max(cpus)))
+    while each > 1 and sum(c // each for c in cpus) < workers:
+        each -= 1
+    return min(workers, sum(c // each for c in cpus)), each, 0

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="image shards: manifest, its directory, or a brace pattern")
     p.add_argument("--output", required=True, help="output URL for token shards + manifest.json")
     p.add_argument("--workers", type=int, default=1, help="Ray actors (0: run in this process, no Ray)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray); needs --workers >= 1")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cond", default="auto", choices=["auto", "none", "class", "text"],
                    help="auto: class when the input has a class map or labels, else text when it has captions")

@@ -1,14 +1,17 @@
 """Typed config of an MQ-VAE tokenizer run (``python -m mqscale.train_tokenizer``).
 
-Shares the data, checkpoint, logging and ray sections with the Stackformer run config, and the
-same loader: strict types, ranges, one-line errors naming the key and the file.
+Shares the data and ray sections with the Stackformer run config, and the same loader: strict
+types, ranges, one-line errors naming the key and the file. Its checkpoint and logging sections
+are its own, holding only what tokenizer training reads: the cadences of logs, image grids and
+checkpoints live in ``train`` (one place per setting), so a Stackformer-only key set here (e.g.
+``checkpoint.every_steps``) is an unknown key, not a silently ignored one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from mqscale.config import (CheckpointConfig, DataConfig, LoggingConfig, RayConfig, _f, load_config)
+from mqscale.config import DataConfig, RayConfig, _f, load_config
 
 
 @dataclass
@@ -99,6 +102,21 @@ class TokenizerTrainConfig:
 
 
 @dataclass
+class TokenizerCheckpointConfig:
+    dir: str = _f("runs", doc="run storage root (local dir or s3://...): runs live in <dir>/<name>")
+    keep_last: int = _f(3, ge=2, doc="checkpoints kept (at least 2, so a damaged newest has a fallback)")
+    resume: Literal["auto", "never"] = _f("auto", doc="auto resumes from the run's newest checkpoint; never "
+                                          "starts at step 0 (restarts after a failure still resume)")
+    storage_options: dict[str, Any] = _f({}, doc="fsspec options for the storage root (endpoint, keys)")
+
+
+@dataclass
+class TokenizerLoggingConfig:
+    tensorboard_dir: str = _f("", doc="TensorBoard event dir; empty = <checkpoint.dir>/<name>/tb "
+                              "(written locally, synced to storage when remote)")
+
+
+@dataclass
 class TokenizerRunConfig:
     name: str = _f("mqvae", doc="run name")
     model: MQVAEConfig = field(default_factory=MQVAEConfig)
@@ -106,8 +124,8 @@ class TokenizerRunConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(kind="images"))
     optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
     train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: TokenizerCheckpointConfig = field(default_factory=TokenizerCheckpointConfig)
+    logging: TokenizerLoggingConfig = field(default_factory=TokenizerLoggingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def check(self, err) -> None:

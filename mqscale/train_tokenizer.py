@@ -3,27 +3,30 @@
 Trains the MQ-VAE under Ray Train: ``ray.num_workers`` workers (a local Ray, or the cluster at
 ``ray.address`` / under ``ray job submit``), image shards streamed from ``data.train_url``,
 checkpoints (each a complete tokenizer export) in ``checkpoint.dir/<name>``, resumed
-automatically, and TensorBoard logs in ``logging.tensorboard_dir``.
+automatically (``checkpoint.resume=never`` starts over), and TensorBoard logs in
+``logging.tensorboard_dir`` (default: ``checkpoint.dir/<name>/tb``).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import uuid
 
 from mqscale.cli import add_config_args, config_from_args, guarded
 from mqscale.config import to_dict
 from mqscale.tokenizer_config import TokenizerRunConfig
 
 
-def worker(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+def worker(config: dict, launch_id: str = "") -> None:
+    """Runs on every Ray Train worker (again after a worker-group restart, with the same launch_id)."""
     from mqscale.config import from_dict
     from mqscale.train.ray_session import RaySession
     from mqscale.train.tokenizer_trainer import train_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = from_dict(config, "train_loop_config", root=TokenizerRunConfig)
-    train_tokenizer(cfg, RaySession())
+    train_tokenizer(cfg, RaySession(), launch_id)
 
 
 @guarded
@@ -42,9 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     from mqscale.train.ray_launch import absolute, failure_line, launch
     cfg.data.train_url = absolute(cfg.data.train_url)
     cfg.logging.tensorboard_dir = absolute(cfg.logging.tensorboard_dir)
+    cfg.checkpoint.dir = absolute(cfg.checkpoint.dir)  # workers derive the default tb dir from it
     cfg.loss.vgg_weights, cfg.loss.lpips_weights = absolute(cfg.loss.vgg_weights), absolute(cfg.loss.lpips_weights)
     try:
-        result = launch(worker, to_dict(cfg), cfg.ray, cfg.checkpoint, cfg.name)
+        result = launch(functools.partial(worker, launch_id=uuid.uuid4().hex), to_dict(cfg), cfg.ray,
+                        cfg.checkpoint, cfg.name)
     except Exception as e:  # the workers' traceback is already in the log above
         print(f"training failed: {failure_line(e)}")
         return 1

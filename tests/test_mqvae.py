@@ -1,6 +1,8 @@
 """MQ-VAE: shapes, the mask, the de-mask constraint, the EMA codebook, round trips, learning."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -90,6 +92,52 @@ def test_demask_attention_ignores_dropped_keys_at_the_first_layer():
     assert (attn(h, key_weight=full) - base).abs().max() > 1e-2   # unless its weight is 1
 
 
+def test_real_demask_forward_hides_dropped_values_and_follows_the_sqrt_schedule():
+    """Demask.forward itself, mask_init -> 0. What the constraint promises: at the first layer a
+    dropped cell contributes nothing as a key, i.e. nothing of its value reaches any query. Dropped
+    keys do keep their share of each softmax (weights multiply, they are not renormalised), and the
+    3x3 convs before attention spread the mask token into kept neighbours, so changing the mask
+    token itself may move outputs; the values behind dropped keys are what must not. So: (1) the
+    first layer's attention output equals a manual attention over kept keys only, with Demask's own
+    weights; (2) a large poison added to the value projection at dropped cells only, reachable by a
+    query solely through those keys, changes no output, while with mask_init = 1 it does; (3) the
+    key weights handed to the layers are 1 at kept cells and mask_init^(1/2^i) at dropped ones."""
+    torch.manual_seed(0)
+    d = Demask(codebook_dim=8, out_dim=32, grid=4, n_layer=3, mask_init=1e-12).eval()
+    quant, pos = torch.randn(2, 5, 8), torch.tensor([[0, 3, 6, 9, 15], [1, 2, 7, 12, 13]])
+    keep = torch.zeros(2, 16).scatter(1, pos, 1.0)
+    dropped = (1 - keep).view(2, 1, 4, 4)
+
+    def run(demask, poison=0.0):
+        """Demask.forward with every attention's (key_weight, input, output) recorded, and
+        ``poison`` added to the first layer's value projection at dropped cells."""
+        seen, hooks = [], [layer.attn.register_forward_hook(
+            lambda m, a, kw, out: seen.append((kw["key_weight"], a[0], out)), with_kwargs=True)
+            for layer in demask.layers]
+        hooks.append(demask.layers[0].attn.v.register_forward_hook(lambda m, a, out: out + poison * dropped))
+        with torch.no_grad():
+            out = demask(quant, pos)
+        for hk in hooks:
+            hk.remove()
+        return seen, out
+
+    seen, clean = run(d)
+    for i, (w, _, _) in enumerate(seen):           # (3) the sqrt schedule, built from the positions
+        assert torch.allclose(w, keep + 1e-12 ** (0.5 ** i) * (1 - keep), rtol=1e-4, atol=0), i
+    _, h, y0 = seen[0]
+    attn = d.layers[0].attn                        # (1) manual attention over kept keys only
+    with torch.no_grad():
+        q, k, v = (m(attn.norm(h)).flatten(2).transpose(1, 2) for m in (attn.q, attn.k, attn.v))
+        probs = torch.softmax(q @ k.transpose(1, 2) / 32 ** 0.5, dim=-1) * keep[:, None, :]
+        manual = h + attn.proj_out((probs @ v).transpose(1, 2).reshape(2, 32, 4, 4))
+    assert torch.allclose(y0, manual, atol=1e-5)
+    poisoned, out = run(d, poison=100.0)           # (2) poison behind the dropped keys
+    assert (poisoned[0][2] - y0).abs().max() < 1e-6 and (out - clean).abs().max() < 1e-6
+    unconstrained = Demask(codebook_dim=8, out_dim=32, grid=4, n_layer=3, mask_init=1.0).eval()
+    unconstrained.load_state_dict(d.state_dict())
+    assert (run(unconstrained, 100.0)[0][0][2] - run(unconstrained)[0][0][2]).abs().max() > 1.0
+
+
 def test_attention_weight_multiplies_without_renormalising():
     torch.manual_seed(1)
     d = Demask(codebook_dim=8, out_dim=32, grid=2, n_layer=1).eval()
@@ -101,6 +149,14 @@ def test_attention_weight_multiplies_without_renormalising():
     probs = torch.softmax(q @ k.t() / 32 ** 0.5, dim=-1) * w          # not renormalised
     expected = h + attn.proj_out((probs @ v).t().reshape(1, 32, 2, 2))
     assert torch.allclose(attn(h, key_weight=w), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,grid,length", [("f8_r25", 32, 256), ("f16_r50", 16, 128),
+                                              ("f8_r30", 32, 307)])   # L = int(0.3 * 1024), rounded down
+def test_paper_configs_give_their_grid_and_length(name, grid, length):
+    c = load_tokenizer_config(f"configs/mqvae/{name}.yaml").model
+    assert (c.resolution, c.grid, c.keep) == (256, grid, length)
+    assert c.factor == 256 // grid and c.keep == int(c.mask_ratio * grid * grid)
 
 
 def test_ema_codebook_moves_and_dead_codes_restart():
@@ -138,6 +194,25 @@ def test_encode_decode_equals_reconstruct_and_training_forward_in_eval():
     assert torch.allclose(a, m(x).recon, atol=1e-5)
     shuffled = torch.randperm(enc.codes.shape[1])
     assert torch.allclose(a, m.decode(enc.codes[:, shuffled], enc.positions[:, shuffled]), atol=1e-5)
+
+
+def test_inference_calls_change_no_buffer_and_restore_modes():
+    """encode/decode/reconstruct in train mode: eval behaviour (BatchNorm running statistics), no
+    buffer moved (BatchNorm statistics, EMA codebook), and each submodule's mode given back."""
+    m = MQVAE(cfg().model).train()
+    m(imgs(4))                                   # statistics away from their initial values
+    m.decoder.eval()                             # a mixed state, to see it restored as it was
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    modes = {n: mod.training for n, mod in m.named_modules()}
+    x = imgs(3, seed=5)
+    enc = m.encode(x)
+    m.decode(enc.codes, enc.positions)
+    rec = m.reconstruct(x)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert {n: mod.training for n, mod in m.named_modules()} == modes
+    ref = copy.deepcopy(m).eval()
+    assert torch.equal(ref.encode(x).codes, enc.codes) and torch.allclose(ref.reconstruct(x), rec)
 
 
 def test_bad_inputs_get_clear_errors():

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from data_tools.make_shapes import write_shapes
+from mqscale.cli import UserError
 from mqscale.config import DataConfig
 from mqscale.convert.export import load_exported, save_exported
 from mqscale.data.loader import StreamingLoader
@@ -196,14 +197,86 @@ def test_flip_twins_are_the_mirrors_codes_and_the_loader_picks_one(tok, shapes, 
     for i, k in enumerate(keys):
         fc, fp = got[k][3]
         assert fc.tolist() == mirror.codes[i].tolist() and fp.tolist() == mirror.positions[i].tolist()
-    twin = torch.tensor(np.stack([got[k][3][0] for k in keys]).astype(np.int64))
-    twin_pos = torch.tensor(np.stack([got[k][3][1] for k in keys]).astype(np.int64))
-    assert torch.allclose(model.decode(twin, twin_pos), model.reconstruct(torch.flip(x, dims=[3])), atol=1e-5)
     loader = StreamingLoader(str(tmp_path / "out"), DataConfig(batch_size=70, num_workers=0, shuffle=False))
     e0, e1 = next(iter(loader))["codes"], None
     loader.set_epoch(1)
     e1 = next(iter(loader))["codes"]
     assert not torch.equal(e0, e1)           # a different twin for some images in another epoch
+
+
+def test_flip_twins_decode_to_mirrored_images(tmp_path):
+    """Checking decode(twin) against reconstruct(flip(x)) would only repeat the code check above, and
+    a tokenizer small enough to train in a test does not reconstruct well enough to tell x from its
+    mirror by pixels. So the tokenizer here is mirror-equivariant by construction: no downsampling
+    (f = 1) and every conv kernel made left-right symmetric; attention, norms, top-k and the codebook
+    are blind to the mirror. Its tokens of flip(x) are then exactly those of x with every cell
+    mirrored, and it decodes them to exactly flip(decode(x)). On noise images (no ties among cell
+    scores, unlike flat backgrounds), the stored twin must be the stored original mirrored cell by
+    cell (a check on the shards alone, no encode), and decode to the mirror of the original's
+    decode, which is far from the original's decode itself."""
+    from mqscale.data.manifest import IMAGES_FORMAT
+    from mqscale.data.tario import TarWriter
+    from mqscale.data.writer import ShardJob, shard_name, write_shard_set
+
+    cfg = load_tokenizer_config("configs/mqvae/demo.yaml", ["model.ch_mult=[1]"])
+    G = cfg.model.grid
+    torch.manual_seed(0)
+    model = MQVAE(cfg.model).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_((m.weight + m.weight.flip(-1)) / 2)
+    save_exported(model, cfg, tmp_path / "sym")
+    noise = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+
+    def png(a):
+        b = io.BytesIO()
+        Image.fromarray(a).save(b, format="PNG")
+        return b.getvalue()
+
+    def produce(f, job):
+        w = TarWriter(f)
+        for key, (data, ext) in zip(job.keys, job.items):
+            w.add(f"{key}.{ext}", data)
+        w.close()
+        return len(job.keys)
+
+    keys = [f"{i:03d}" for i in range(len(noise))]
+    job = ShardJob(0, shard_name("images", 0), keys, [(png(a), "png") for a in noise])
+    write_shard_set(str(tmp_path / "in"), [job], produce, fmt=IMAGES_FORMAT, progress=False)
+    assert run(str(tmp_path / "sym"), str(tmp_path / "in"), tmp_path / "out", "--flip", "--cond", "none") == 0
+    got = rows(str(tmp_path / "out"))
+    mirror = lambda p: (p // G) * G + (G - 1 - p % G)  # noqa: E731  (row, col) -> (row, G-1-col)
+    for k in keys:
+        codes, positions, _, (twin_codes, twin_positions), _ = got[k]
+        assert dict(zip(mirror(positions).tolist(), codes.tolist())) == dict(zip(twin_positions.tolist(),
+                                                                                 twin_codes.tolist()))
+    as_long = lambda i: torch.tensor(np.stack([got[k][i] for k in keys]).astype(np.int64))  # noqa: E731
+    twin = lambda i: torch.tensor(np.stack([got[k][3][i] for k in keys]).astype(np.int64))  # noqa: E731
+    original, flipped = model.decode(as_long(0), as_long(1)), model.decode(twin(0), twin(1))
+    assert (flipped - original.flip(3)).abs().max() < 1e-3
+    assert (flipped - original).abs().mean() > 0.05
+
+
+def test_actor_sizes_fit_every_actor_on_some_node():
+    from mqscale.pretokenize import actor_sizes
+    n = {"CPU": 4.0, "memory": 1e9}
+    assert actor_sizes([n], 2) == (2, 2, 0)                        # one machine: its CPUs shared out
+    assert actor_sizes([n, n, n], 2) == (2, 4, 0)                   # 12 // 2 = 6 > any node's 4
+    assert actor_sizes([{"CPU": 8}, {"CPU": 2}], 2) == (2, 4, 0)    # 5 each would leave one unplaced
+    assert actor_sizes([n], 6) == (4, 1, 0)                         # more actors than CPUs: capped
+    g = {"CPU": 16.0, "GPU": 2.0}
+    assert actor_sizes([g, {"CPU": 64}], 8) == (2, 1, 1)            # one actor per GPU, capped
+    assert actor_sizes([g, g], 3) == (3, 1, 1)
+    with pytest.raises(UserError, match="no CPU"):
+        actor_sizes([{"memory": 1e9}], 1)
+
+
+def test_address_with_workers_0_is_refused(tok, shapes, tmp_path, capsys):
+    assert run(tok, shapes, tmp_path / "out", "--address", "ray://head:10001") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--address" in err and "--workers 0" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_text_condition_with_byte_ids(tok, shapes, tmp_path):

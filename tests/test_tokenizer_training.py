@@ -1,12 +1,15 @@
 """Tokenizer training: losses, LPIPS loading, the loop with checkpoints/resume and TensorBoard."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_tools.make_shapes import write_shapes
+from mqscale.config import ConfigError
 from mqscale.convert.export import load_exported
 from mqscale.models.lpips import LPIPS, load_lpips
 from mqscale.tokenizer_config import LossConfig, load_tokenizer_config
@@ -118,3 +121,46 @@ def test_missing_perceptual_weights_warn_once(shapes, tmp_path, caplog):
         t = TokenizerTrainer(c, LocalSession(str(tmp_path / "ck")))
     assert t.loss.lpips is None
     assert sum("perceptual loss is off" in r.message for r in caplog.records) == 1
+
+
+def test_default_tensorboard_dir_is_the_runs_tb_folder_and_resume_never(shapes, tmp_path):
+    """No logging.tensorboard_dir: events go beside the checkpoints, <checkpoint.dir>/<name>/tb,
+    not to ./runs/<date> in the worker's working directory."""
+    store = tmp_path / "store"
+    c = cfg(shapes, tmp_path, "logging.tensorboard_dir=", f"checkpoint.dir={store}", "train.max_steps=2",
+            "train.image_every=0")
+    train_tokenizer(c, LocalSession(str(tmp_path / "ckpt")), launch_id="first")
+    ea = EventAccumulator(str(store / c.name / "tb"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("psnr")] == [2]
+    # checkpoint.resume=never starts over, except from this launch's own checkpoints (a restart)
+    for resume, launch, step in [("auto", "other", 2), ("never", "other", 0), ("never", "", 0), ("never", "first", 2)]:
+        c2 = cfg(shapes, tmp_path / "again", f"checkpoint.resume={resume}", "train.max_steps=4")
+        assert TokenizerTrainer(c2, LocalSession(str(tmp_path / "ckpt")), launch).step == step, (resume, launch)
+
+
+def test_default_tensorboard_events_are_synced_to_remote_run_storage(shapes, tmp_path, s3):
+    import json
+    import s3fs
+    c = cfg(shapes, tmp_path, "logging.tensorboard_dir=", "checkpoint.dir=s3://mqscale-test/tok-runs",
+            f"checkpoint.storage_options={json.dumps(s3)}", "train.max_steps=2", "train.image_every=0")
+    t = TokenizerTrainer(c, LocalSession(str(tmp_path / "ckpt")))
+    local = t.tb_dir
+    t.fit()
+    fs = s3fs.S3FileSystem(**s3)
+    fs.invalidate_cache()
+    events = fs.find(f"mqscale-test/tok-runs/{c.name}/tb")
+    assert events and all("events.out.tfevents" in e for e in events)
+    fs.get(events[0], str(tmp_path / "ev" / "events.out.tfevents.x"))
+    ea = EventAccumulator(str(tmp_path / "ev"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("psnr")] == [2]
+    assert not Path(local).exists()            # the local staging copy is gone
+
+
+@pytest.mark.parametrize("key", ["checkpoint.every_steps=5", "checkpoint.resume_from=/x", "logging.log_every=5",
+                                 "logging.sample_every=5", "logging.tokenizer=/x", "logging.peak_tflops=1.0"])
+def test_keys_tokenizer_training_does_not_read_are_unknown(key):
+    """The cadences live in train.* (log_every, image_every, checkpoint_every): one place each."""
+    with pytest.raises(ConfigError, match=f"{key.split('=')[0]}: unknown key"):
+        load_tokenizer_config("configs/mqvae/debug.yaml", [key])

@@ -3,9 +3,12 @@
 Images are float tensors in [-1, 1], [B, C, H, W]. ``encode`` gives codes and raster-ordered
 positions (what pre-tokenization stores and Stackformer models), ``decode`` turns them back into
 images, and ``forward`` is the training call (reconstruction plus the commitment loss).
+``encode``/``decode``/``reconstruct`` are inference whatever the module's mode: they run in eval
+mode (BatchNorm running statistics, no dropout) and leave every buffer as it was.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -70,13 +73,30 @@ class MQVAE(nn.Module):
         recon = self.decoder(self.demasker(q.quantized, enc.positions))
         return MQVAEOutput(recon, q.commit_loss, enc, q.restarts)
 
+    @contextmanager
+    def _inference(self):
+        """Eval mode for one call, then each submodule's own mode back: an encode in the middle of
+        training must neither move the score net's BatchNorm statistics nor depend on the batch."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> Encoded:
-        return self._encode(x, update=False)[1]
+        with self._inference():
+            return self._encode(x, update=False)[1]
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Images from codes [B, L] at cells ``positions`` [B, L] (any order)."""
+        with self._inference():
+            return self._decode(codes, positions)
+
+    def _decode(self, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         G = self.cfg.grid ** 2
         if codes.shape != positions.shape or codes.ndim != 2:
             raise ValueError(f"codes {tuple(codes.shape)} and positions {tuple(positions.shape)} must be [B, L]")

@@ -5,11 +5,18 @@ session carries rank, device, metric reports and checkpoints. A checkpoint direc
 complete tokenizer export (``model.safetensors`` + ``config.json``, usable as ``--tokenizer``)
 plus ``train_state.pt`` (optimizers, discriminator, step, data position), read back with
 ``weights_only=True``.
+
+TensorBoard events go to ``logging.tensorboard_dir``, or by default to the run's ``tb`` folder
+(``<checkpoint.dir>/<name>/tb``) beside its checkpoints, never to the worker's working directory;
+when the run lives in an object store they are written locally and copied there at every
+checkpoint and at the end, as the Stackformer trainer does.
 """
 from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,6 +31,7 @@ from mqscale.models.lpips import LPIPS, load_lpips
 from mqscale.models.mqvae import MQVAE
 from mqscale.tokenizer_config import TokenizerRunConfig
 from mqscale.train import dist
+from mqscale.train.checkpoint import CheckpointStore
 from mqscale.train.session import Session, scratch_dir
 from mqscale.train.tokenizer_visuals import sample_grid
 from mqscale.train.vqgan_loss import VQGANLoss
@@ -56,9 +64,26 @@ def learning_rate(cfg: TokenizerRunConfig, world: int, step: int) -> float:
     return lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else lr
 
 
+def run_url(cfg: TokenizerRunConfig) -> str:
+    """Where Ray Train keeps this run (storage_path/name): checkpoints, and tb/ by default."""
+    return f"{cfg.checkpoint.dir.rstrip('/')}/{cfg.name}"
+
+
+def tensorboard_dirs(cfg: TokenizerRunConfig) -> tuple[str, str | None]:
+    """(local event dir, the remote run URL it is synced to, or None when it is written in place)."""
+    if cfg.logging.tensorboard_dir:
+        return cfg.logging.tensorboard_dir, None
+    url = run_url(cfg)
+    if "://" not in url or url.startswith("file://"):
+        return str(Path(url.removeprefix("file://")) / "tb"), None
+    return tempfile.mkdtemp(prefix=f"mqscale-tb-{cfg.name}-"), url
+
+
 class TokenizerTrainer:
-    def __init__(self, cfg: TokenizerRunConfig, session: Session):
-        self.cfg, self.session = cfg, session
+    def __init__(self, cfg: TokenizerRunConfig, session: Session, launch_id: str = ""):
+        """``launch_id`` names this launch of the run: with ``checkpoint.resume=never`` only the
+        checkpoints it wrote itself (before a worker-group restart) are resumed."""
+        self.cfg, self.session, self.launch_id = cfg, session, launch_id
         self.device = session.device
         torch.manual_seed(cfg.train.seed)
         self.model = MQVAE(cfg.model).to(self.device)
@@ -73,7 +98,8 @@ class TokenizerTrainer:
                                       betas=betas)
         self.loader = StreamingLoader(cfg.data.train_url, cfg.data, session.rank, session.world)
         self.step = 0
-        self.writer = SummaryWriter(cfg.logging.tensorboard_dir) if session.rank == 0 else None
+        self.tb_dir, self.tb_remote = tensorboard_dirs(cfg) if session.rank == 0 else ("", None)
+        self.writer = SummaryWriter(self.tb_dir) if session.rank == 0 else None
         self.amp = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                     if cfg.train.precision == "bf16" else nullcontext())
         self._restore()
@@ -84,8 +110,11 @@ class TokenizerTrainer:
         with self.session.restore() as d:
             if d is None:
                 return
-            self.model.load_state_dict(load_file(str(Path(d) / WEIGHTS)))
             st = torch.load(Path(d) / STATE, map_location=self.device, weights_only=True)
+            if self.cfg.checkpoint.resume == "never" and not (self.launch_id and st.get("launch") == self.launch_id):
+                log.info("checkpoint.resume=never: starting at step 0, not from %s", d)
+                return
+            self.model.load_state_dict(load_file(str(Path(d) / WEIGHTS)))
             self.loss.discriminator.load_state_dict(st["discriminator"])
             self.opt_g.load_state_dict(st["opt_g"])
             self.opt_d.load_state_dict(st["opt_d"])
@@ -101,10 +130,21 @@ class TokenizerTrainer:
             return
         with scratch_dir() as d:
             save_exported(self.model, self.cfg, d, source=f"train_tokenizer:{self.cfg.name}:step{self.step}")
-            torch.save({"step": self.step, "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            torch.save({"step": self.step, "launch": self.launch_id,
+                        "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                         "discriminator": self.loss.discriminator.state_dict(),
                         "loader": self.loader.state_dict(), "rng": torch.get_rng_state()}, Path(d) / STATE)
             self.session.report(metrics, d)
+        self._sync_tensorboard()
+
+    def _sync_tensorboard(self) -> None:
+        """Event files written locally go to <run>/tb on the storage when that is remote."""
+        if self.tb_remote is None or self.writer is None:
+            return
+        self.writer.flush()
+        local = Path(self.tb_dir)
+        files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+        CheckpointStore(self.tb_remote, self.cfg.checkpoint.storage_options).upload(local, "tb", files)
 
     # ------------------------------------------------------------------ the step
 
@@ -168,6 +208,9 @@ class TokenizerTrainer:
         self._log_images()
         if self.writer is not None:
             self.writer.close()
+            self._sync_tensorboard()
+            if self.tb_remote is not None:
+                shutil.rmtree(self.tb_dir, ignore_errors=True)
         return {"step": self.step, **logs}
 
     def _log(self, logs: dict[str, float], images_per_s: float) -> None:
@@ -194,5 +237,5 @@ class TokenizerTrainer:
         self.writer.flush()
 
 
-def train_tokenizer(cfg: TokenizerRunConfig, session: Session) -> dict:
-    return TokenizerTrainer(cfg, session).fit()
+def train_tokenizer(cfg: TokenizerRunConfig, session: Session, launch_id: str = "") -> dict:
+    return TokenizerTrainer(cfg, session, launch_id).fit()
