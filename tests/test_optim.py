@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from mqscale.config import OptimConfig
-from mqscale.models import Stackformer
-from mqscale.train.optim import lr_at, param_groups
-from tests.conftest import model_cfg
+from mqscale.config import OptimConfig, load_config
+from mqscale.models import Stackformer, param_count
+from mqscale.train.optim import lr_at, n_params, param_groups
+from tests.conftest import DEBUG, model_cfg
 
 
 def test_no_decay_on_biases_norms_embeddings():
@@ -21,6 +22,42 @@ def test_no_decay_on_biases_norms_embeddings():
               "code_transformer.blocks.0.ln1.weight", "code_transformer.blocks.0.attn.qkv.bias"):
         assert n in exempt
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.fixture
+def one_rank_gloo(monkeypatch):
+    """A real one-process gloo group, as Ray Train or the deepspeed launcher would have made it."""
+    import socket
+
+    import torch.distributed as dist
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_zero3_partitioned_model_keeps_decay_split_and_count(one_rank_gloo):
+    """Under deepspeed.zero.Init every parameter is an empty placeholder when the groups are made:
+    the split must come from the real shapes, or nothing would be decayed."""
+    from mqscale.train.engine import build_model, ds_config
+    cfg = load_config(DEBUG, ["deepspeed.zero_stage=3"])
+    model = build_model(cfg, ds_config(cfg, 1))
+    assert all(p.numel() == 0 and hasattr(p, "ds_shape") for p in model.parameters())  # really partitioned
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    want = {n for n, p in model.named_parameters() if len(p.ds_shape) >= 2 and n not in embeddings}
+    assert decayed == want and len(want) > 0
+    assert {names[id(p)] for p in no_decay["params"]} == set(names.values()) - want
+    plain_decay, _ = param_groups(Stackformer(cfg.model), 0.01)   # the same split as without ZeRO-3
+    assert [p.shape for p in plain_decay["params"]] == [p.ds_shape for p in decay["params"]]
+    assert n_params(model) == param_count(cfg.model) > 0
 
 
 def test_schedule_warmup_then_cosine_to_floor():

@@ -12,6 +12,17 @@ import torch.nn as nn
 from mqscale.config import OptimConfig
 
 
+def full_shape(p: nn.Parameter) -> tuple[int, ...]:
+    """A parameter's shape, also under ZeRO-3, where ``deepspeed.zero.Init`` has replaced its data by
+    an empty tensor and keeps the real shape in ``ds_shape``."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def n_params(model: nn.Module) -> int:
+    """Parameters of ``model``, counted whole also when ZeRO-3 has partitioned them (``ds_numel``)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrix weights only; biases, norms, embeddings and the absolute table are exempt."""
     no_decay_modules = (nn.LayerNorm, nn.Embedding)
@@ -20,7 +31,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for name, p in mod.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            exempt = isinstance(mod, no_decay_modules) or name == "bias" or p.ndim < 2
+            exempt = isinstance(mod, no_decay_modules) or name == "bias" or len(full_shape(p)) < 2
             (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]

@@ -29,7 +29,7 @@ from mqscale.train.checkpoint import (RUN_CONFIG, TAG, CheckpointError, Checkpoi
                                       local_files, write_marker)
 from mqscale.train.engine import build_engine
 from mqscale.train.metrics import Metrics, device_peak_tflops, memory_gb
-from mqscale.train.optim import lr_at
+from mqscale.train.optim import lr_at, n_params
 
 log = logging.getLogger("mqscale.train")
 
@@ -222,7 +222,7 @@ class Trainer:
                 self.save({"step": self.step, **last})
         self.save({"step": self.step, **last})
         self.sample_grid()
-        self.metrics.hparams({"name": cfg.name, "params": sum(p.numel() for p in self.model.parameters()),
+        self.metrics.hparams({"name": cfg.name, "params": n_params(self.model),
                               "zero_stage": cfg.deepspeed.zero_stage, "world": self.world,
                               "lr": cfg.optim.lr, "batch": cfg.data.batch_size}, {k: v for k, v in last.items()
                                                                                    if k.startswith("loss/")})
