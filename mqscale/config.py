@@ -435,5 +435,28 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
+SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "session", "auth", "signature")
+
+
+def redacted(value: Any) -> Any:
+    """A copy of a plain config dict safe to print or log: under any ``storage_options`` (and in
+    any nested mapping there) every entry whose name suggests a credential is replaced, so keys
+    and tokens never reach a console, a log file or TensorBoard."""
+    def walk(v: Any, secret_scope: bool) -> Any:
+        if isinstance(v, dict):
+            out = {}
+            for k, x in v.items():
+                inside = secret_scope or k == "storage_options"
+                if secret_scope and any(w in str(k).lower() for w in SECRET_WORDS) and not isinstance(x, dict):
+                    out[k] = "<redacted>"
+                else:
+                    out[k] = walk(x, inside)
+            return out
+        if isinstance(v, (list, tuple)):
+            return [walk(x, secret_scope) for x in v]
+        return v
+    return walk(to_dict(value) if dataclasses.is_dataclass(value) else value, False)
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,10 +1,131 @@
-"""python -m mqscale.sample — generate images from an exported Stackformer and a tokenizer.
+"""python -m mqscale.sample --model EXPORTED --tokenizer TOK (--classes 1,7,9 | --prompts FILE | --unconditional)
+    -n N --out URL [sampling options]
 
-Not built yet: issue #7 builds it. Until then it says so in one line and exits non-zero.
+Generates images from an exported Stackformer (``mqscale.export``) and the tokenizer whose
+tokens it was trained on, and writes a PNG grid to any fsspec URL: one row per class or prompt
+with N samples each (unconditional: N samples), rows labelled with the class names when the
+training data's class map can be read. ``--per-image`` also writes every image as its own PNG.
+Sampling is Algorithm 1 with a KV cache; ``--cfg-scale S`` turns on classifier-free guidance.
 """
-from mqscale.cli import not_built
+from __future__ import annotations
 
-main = not_built("mqscale.sample", 7)
+import argparse
+import math
+
+import torch
+
+from mqscale.cli import UserError, add_storage_options_arg, guarded
+from mqscale.generate import ImageGenerator, add_sampling_args, settings_from_args, timed_images
+
+
+def training_classes(gen: ImageGenerator, override: str, storage_options: dict) -> list[str] | None:
+    """Class names from ``--class-names`` (a manifest or its directory), or from the manifest of
+    the shards the model was trained on; None where neither can be read."""
+    from mqscale.data.manifest import ManifestError, read_manifest
+    from mqscale.data.fs import StorageError
+    url = override or gen.run_cfg.data.train_url
+    if not url:
+        return None
+    try:
+        return read_manifest(url, storage_options or gen.run_cfg.data.storage_options).classes
+    except (ManifestError, StorageError, OSError):
+        if override:
+            raise UserError(f"--class-names {override}: no readable manifest there") from None
+        return None
+
+
+def parse_classes(text: str, n_classes: int) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--classes {text!r}: give class ids separated by commas, e.g. 1,7,9") from None
+    bad = [i for i in ids if not 0 <= i < n_classes]
+    if not ids or bad:
+        raise UserError(f"--classes {text!r}: ids must lie in [0, {n_classes}) (bad: {bad})")
+    return ids
+
+
+def read_prompts(url: str, storage_options: dict) -> list[str]:
+    from mqscale.data import fs
+    try:
+        text = fs.read_bytes(url, storage_options).decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--prompts {url}: no such file") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompts {url}: holds no prompt (one per line)")
+    return prompts
+
+
+def conditions(gen: ImageGenerator, ns: argparse.Namespace) -> tuple[torch.Tensor | None, list[str] | None]:
+    """(one condition per image, one label per row) for the chosen mode."""
+    kind, n = gen.cond_kind, ns.n
+    mode = "classes" if ns.classes else "prompts" if ns.prompts else "unconditional"
+    need = {"class": "classes", "text": "prompts", "none": "unconditional"}[kind]
+    if mode != need:
+        raise UserError(f"this model is {kind}-conditional: use --{need}")
+    if kind == "none":
+        return None, None
+    if kind == "class":
+        ids = parse_classes(ns.classes, gen.run_cfg.model.n_classes)
+        names = training_classes(gen, ns.class_names, ns.storage_options)
+        labels = [f"{i}: {names[i]}" if names and i < len(names) else str(i) for i in ids]
+        return torch.tensor(ids).repeat_interleave(n), labels
+    from mqscale.text_tokenizer import encode_batch, load_text_tokenizer
+    prompts = read_prompts(ns.prompts, ns.storage_options)
+    tok = load_text_tokenizer(ns.text_tokenizer, ns.storage_options)
+    m = gen.run_cfg.model
+    if tok.vocab_size > m.text_vocab_size:
+        raise UserError(f"--text-tokenizer {ns.text_tokenizer}: {tok.vocab_size} ids, the model knows "
+                        f"{m.text_vocab_size} (model.text_vocab_size); use the tokenizer its shards were made with")
+    ids = torch.from_numpy(encode_batch(tok, prompts, m.text_len)).long()
+    return ids.repeat_interleave(n, dim=0), prompts
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mqscale.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="exported Stackformer directory (python -m mqscale.export)")
+    p.add_argument("--tokenizer", required=True, help="exported tokenizer directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--classes", help="class ids, comma-separated (class-conditional models)")
+    what.add_argument("--prompts", help="a text file, one prompt per line (text-conditional models)")
+    what.add_argument("--unconditional", action="store_true", help="unconditional models")
+    p.add_argument("-n", type=int, default=8, help="images per class or prompt (unconditional: in all)")
+    p.add_argument("--out", required=True, help="PNG grid: a path or any fsspec URL")
+    p.add_argument("--per-image", action="store_true", help="also write each image to <out minus .png>/NNNNNN.png")
+    p.add_argument("--class-names", default="", help="manifest giving class names (default: the training data's)")
+    p.add_argument("--text-tokenizer", default="bytes", help="bytes, or the tokenizers JSON the shards were made with")
+    p.add_argument("--device", default="", help="default: cuda when available, else cpu")
+    add_sampling_args(p)
+    add_storage_options_arg(p)
+    ns = p.parse_args(argv)
+    if ns.n < 1:
+        raise UserError("-n must be at least 1")
+    settings = settings_from_args(ns)
+    gen = ImageGenerator(ns.model, ns.tokenizer, ns.device or None)
+    cond, labels = conditions(gen, ns)
+    total = ns.n * (len(labels) if labels else 1)
+    images, rate = timed_images(gen, cond, total, settings)
+    write_outputs(images, labels, ns)
+    guided = f", guidance {settings.guidance}" if settings.guidance is not None else ""
+    print(f"{total} images ({gen.run_cfg.model.seq_len} tokens each{guided}) in {total / rate:.2f}s: "
+          f"{rate:.1f} images/s on {gen.device.type} -> {ns.out}")
+    return 0
+
+
+def write_outputs(images: torch.Tensor, labels: list[str] | None, ns: argparse.Namespace) -> None:
+    from mqscale.data import fs
+    from mqscale.imagegrid import grid_png, png_bytes, to_uint8
+
+    cols = ns.n if labels else max(1, math.isqrt(len(images) - 1) + 1)
+    fs.write_bytes(ns.out, grid_png(images, cols, labels), ns.storage_options)
+    if ns.per_image:
+        stem = ns.out[:-4] if ns.out.endswith(".png") else ns.out
+        for i, arr in enumerate(to_uint8(images)):
+            fs.write_bytes(fs.join(stem, f"{i:06d}.png"), png_bytes(arr), ns.storage_options)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

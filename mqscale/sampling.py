@@ -8,6 +8,12 @@ Positions: a position is never sampled twice, and with ``raster=True`` (the defa
 how the model was trained) each next position comes after the previous one and leaves room for
 the tokens still to come: step t of L may use positions in (prev, G - L + t]. The official
 sampler has neither the ordering nor the room constraint.
+
+Classifier-free guidance (``guidance=s``): the conditional rows and as many null-condition rows
+go through each step as one batch of 2B, with one KV cache per stack holding both halves, and
+each head's logits are mixed as cond + s * (cond - uncond) before the draw; the drawn token is
+fed to both halves. ``guidance=0`` runs the doubled batch and draws exactly what conditional
+sampling draws.
 """
 from __future__ import annotations
 
@@ -118,6 +124,34 @@ def _setup(model: Stackformer, cond, batch, seq_len):
     return batch, L, next(model.parameters()).device
 
 
+class _Guidance:
+    """Doubling of the batch into [cond; null] rows and the mixing of their logits."""
+
+    def __init__(self, model: Stackformer, scale: float | None):
+        if scale is not None and model.cfg.cond == "none":
+            raise ValueError("classifier-free guidance needs a class- or text-conditional model")
+        self.scale = scale
+
+    @property
+    def on(self) -> bool:
+        return self.scale is not None
+
+    def prefix(self, model: Stackformer, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
+        if self.on:
+            cond = torch.cat([cond, model.null_condition(cond)])
+        return model.prefix(cond, 2 * batch if self.on else batch)
+
+    def expand(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids drawn for the B conditional rows -> the ids fed to every row."""
+        return torch.cat([ids, ids]) if self.on else ids
+
+    def mix(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.on:
+            return logits
+        c, u = logits.float().chunk(2)
+        return c + self.scale * (c - u)
+
+
 def _split(model: Stackformer, a, b):
     """Map (first-stack thing, second-stack thing) to (code thing, position thing); and back."""
     return (a, b) if model.code_first else (b, a)
@@ -132,30 +166,36 @@ def _masks(model: Stackformer, allowed_pos: torch.Tensor):
 def sample(model: Stackformer, cond: torch.Tensor | None = None, *, batch: int | None = None,
            seq_len: int | None = None, code: SamplingParams = SamplingParams(),
            pos: SamplingParams = SamplingParams(), raster: bool = True,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """KV-cached sampling. Returns codes [B, L] and positions [B, L] (raster order when raster)."""
+           generator: torch.Generator | None = None, guidance: float | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KV-cached sampling. Returns codes [B, L] and positions [B, L] (raster order when raster).
+
+    ``guidance``: None samples the condition alone; a scale s runs classifier-free guidance."""
     B, L, device = _setup(model, cond, batch, seq_len)
+    cfg_guide = _Guidance(model, guidance)
+    rows = 2 * B if cfg_guide.on else B
     was_training = model.training
     model.eval()
     try:
         dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                  else next(model.parameters()).dtype)
-        first_cache = model.first.new_cache(B, model.cfg.prefix_len + L - 1, device, dtype)
-        second_cache = model.second.new_cache(B, L, device, dtype)
+        first_cache = model.first.new_cache(rows, model.cfg.prefix_len + L - 1, device, dtype)
+        second_cache = model.second.new_cache(rows, L, device, dtype)
         first_params, second_params = _split(model, code, pos)
         book = _Positions(B, model.cfg.n_positions, L, raster, device)
         codes = torch.empty(B, L, dtype=torch.long, device=device)
         positions = torch.empty(B, L, dtype=torch.long, device=device)
-        x = model.prefix(cond, B)
+        x = cfg_guide.prefix(model, cond, B)
         for t in range(L):
             h = model.first_stream(x, first_cache)[:, -1:]
             first_allowed, second_allowed = _masks(model, book.allowed(t))
-            a = draw(model.first_logits(h)[:, 0], first_params, first_allowed, generator)
-            g = model.second_stream(h, a[:, None], second_cache)
-            b = draw(model.second_logits(g)[:, 0], second_params, second_allowed, generator)
+            a = draw(cfg_guide.mix(model.first_logits(h)[:, 0]), first_params, first_allowed, generator)
+            g = model.second_stream(h, cfg_guide.expand(a)[:, None], second_cache)
+            b = draw(cfg_guide.mix(model.second_logits(g)[:, 0]), second_params, second_allowed, generator)
             codes[:, t], positions[:, t] = _split(model, a, b)
             book.take(positions[:, t])
-            x = model.token_embedding(codes[:, t:t + 1], positions[:, t:t + 1])
+            x = model.token_embedding(cfg_guide.expand(codes[:, t:t + 1]),
+                                      cfg_guide.expand(positions[:, t:t + 1]))
         return codes, positions
     finally:
         model.train(was_training)

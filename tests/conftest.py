@@ -10,7 +10,8 @@ DEBUG = "configs/stackformer/debug.yaml"
 
 
 def model_cfg(*overrides: str):
-    return load_config(DEBUG, list(overrides)).model
+    extra = ["train.p_uncond=0"] if "model.cond=none" in overrides else []  # no condition to drop
+    return load_config(DEBUG, list(overrides) + extra).model
 
 
 def raster_batch(cfg, batch: int, L: int | None = None, seed: int = 0):

@@ -11,7 +11,10 @@ shared table, pos_idx = [sos = grid_size, positions]. Its pieces map onto ours a
     value_head.1[n_classes:]   -> code_head       position_head.1[:grid_size] -> pos_head
 
 Dropping the class rows of the code head and the SOS row of the position head changes nothing
-the model can emit: the official sampler masks those entries out anyway.
+the model can emit: the official sampler masks those entries out anyway. Our class table has one
+row more, the null class of classifier-free guidance, which the official model never learned: it
+is set to the mean class embedding, and guidance with an imported model needs fine-tuning with
+``train.p_uncond`` first.
 """
 from __future__ import annotations
 
@@ -81,7 +84,7 @@ def convert_state_dict(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     n_cls, G = cfg.n_classes, cfg.n_positions
     value_emb = sd["value_emb.weight"]
     out = {
-        "cond_emb.weight": value_emb[:n_cls],
+        "cond_emb.weight": torch.cat([value_emb[:n_cls], value_emb[:n_cls].mean(0, keepdim=True)]),
         "code_emb.weight": value_emb[n_cls:],
         "pos_emb.weight": sd["value_pos_emb.weight"],
         "code_head.ln.weight": _need(sd, "value_head.0.weight"),

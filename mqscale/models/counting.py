@@ -14,10 +14,15 @@ def block_params(c: int) -> int:
     return 12 * c * c + 13 * c
 
 
+def condition_table_size(cfg: ModelConfig) -> int:
+    """Rows of the condition table: the vocabulary, plus the null id (classifier-free guidance)
+    for class and text conditioning."""
+    return {"class": cfg.n_classes + 1, "text": cfg.text_vocab_size + 1, "none": 1}[cfg.cond]
+
+
 def param_count(cfg: ModelConfig) -> int:
     c, k, g = cfg.n_embd, cfg.codebook_size, cfg.n_positions
-    n_cond = {"class": cfg.n_classes, "text": cfg.text_vocab_size, "none": 1}[cfg.cond]
-    embeddings = (k + g + 1 + n_cond) * c + (cfg.resolved_block_size * c if cfg.abs_pos else 0)
+    embeddings = (k + g + 1 + condition_table_size(cfg)) * c + (cfg.resolved_block_size * c if cfg.abs_pos else 0)
     heads = (2 * c + k * c) + (2 * c + g * c)
     return (cfg.n_code_layer + cfg.n_pos_layer) * block_params(c) + embeddings + heads
 

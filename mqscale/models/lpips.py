@@ -66,8 +66,13 @@ class LPIPS(nn.Module):
 
 def read_state_dict(path: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
     from mqscale.data import fs
-    data = fs.read_bytes(path, storage_options)
-    if path.endswith(".safetensors"):
+    return state_dict_from_bytes(fs.read_bytes(path, storage_options), path)
+
+
+def state_dict_from_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (by ``name``'s suffix) or a tensor-only torch file; never a pickle
+    of objects (``weights_only=True``)."""
+    if name.endswith(".safetensors"):
         from safetensors.torch import load
         return load(data)
     sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

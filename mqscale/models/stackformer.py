@@ -12,6 +12,11 @@ the second, fed ``emb_pos(pos[t])``, predicts the code. A text condition is a pr
 its last token predicts the first image token. Only the first stack sees the prefix; the second
 stack runs over the L image steps and reaches the condition through h.
 
+Classifier-free guidance: a class or text model has one more condition id than its vocabulary,
+``null_id`` (the class table's last row; for text, every prefix token becomes it). Training
+replaces a random share ``train.p_uncond`` of conditions by it (``drop_condition``), and the
+sampler runs the conditional and the null batch together to mix their logits.
+
 The same ``first_stream`` / ``second_stream`` calls serve training (whole sequences, no cache)
 and KV-cached sampling (one step at a time), so both paths share every line of the math.
 """
@@ -24,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mqscale.config import ModelConfig
+from mqscale.models.counting import condition_table_size
 from mqscale.models.layers import Head, KVCache, TransformerStack
 
 
@@ -44,8 +50,7 @@ class Stackformer(nn.Module):
         self.sos = G  # position id of the start token
         self.code_emb = nn.Embedding(cfg.codebook_size, C)
         self.pos_emb = nn.Embedding(G + 1, C)
-        n_cond = {"class": cfg.n_classes, "text": cfg.text_vocab_size, "none": 1}[cfg.cond]
-        self.cond_emb = nn.Embedding(n_cond, C)
+        self.cond_emb = nn.Embedding(condition_table_size(cfg), C)
         self.block_size = cfg.resolved_block_size
         # an Embedding, not a bare Parameter: ZeRO-3 gathers and partitions parameters per module
         self.abs_emb = nn.Embedding(self.block_size, C) if cfg.abs_pos else None
@@ -88,6 +93,28 @@ class Stackformer(nn.Module):
         blocks = list(self.code_transformer.blocks) + list(self.pos_transformer.blocks)
         for i, b in enumerate(blocks):
             b.checkpoint = (i in on) if isinstance(on, list) else bool(on)
+
+    # ------------------------------------------------------------------ conditions
+
+    @property
+    def null_id(self) -> int:
+        """The condition id that means "no condition" (classifier-free guidance)."""
+        if self.cfg.cond == "none":
+            raise ValueError("an unconditional Stackformer has no null condition")
+        return condition_table_size(self.cfg) - 1
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """A condition tensor of ``cond``'s shape holding only the null id."""
+        return torch.full_like(cond, self.null_id)
+
+    def drop_condition(self, cond: torch.Tensor, p: float,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace each row's condition by the null one with probability ``p`` (training for CFG)."""
+        if p <= 0 or self.cfg.cond == "none":
+            return cond
+        drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < p
+        drop = drop.view(-1, *([1] * (cond.dim() - 1)))
+        return torch.where(drop, self.null_condition(cond), cond)
 
     # ------------------------------------------------------------------ streams
 
@@ -156,3 +183,4 @@ class Stackformer(nn.Module):
             out.pos_loss = F.cross_entropy(pos_logits.flatten(0, 1).float(), positions.flatten())
             out.loss = out.code_loss + self.cfg.pos_loss_weight * out.pos_loss
         return out
+

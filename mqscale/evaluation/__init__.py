@@ -1,0 +1,1 @@
+"""Metrics for generators (FID, IS) and tokenizers (PSNR, SSIM, LPIPS, rFID, codebook usage)."""
