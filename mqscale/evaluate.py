@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-batch", type=int, default=16, help="sweep: images per timed sampling batch")
     p.add_argument("--device", default="", help="default: cuda when available, else cpu")
     add_sampling_args(p)
-    ns = p.parse_args(argv)
+    ns = p.parse_intermixed_args(argv)   # overrides may come before or after the options
     cfg = load_eval_config(ns.config, ns.overrides)
     ev = Evaluation(cfg, ns)
     if ns.sweep:

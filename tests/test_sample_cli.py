@@ -1,0 +1,118 @@
+"""python -m mqscale.sample: exported model + tokenizer -> PNG grid, seeded, guided, class names."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_tools.make_shapes import write_shapes
+from mqscale.config import load_config
+from mqscale.convert.export import save_exported
+from mqscale.generate import ImageGenerator
+from mqscale.models import Stackformer
+from mqscale.models.mqvae import MQVAE
+from mqscale.sample import main as sample_main
+from mqscale.tokenizer_config import load_tokenizer_config
+
+
+def export_pair(root, *model_overrides: str) -> tuple[str, str]:
+    """A random demo-sized tokenizer and a Stackformer shaped to its tokens, both exported."""
+    torch.manual_seed(0)
+    tcfg = load_tokenizer_config("configs/mqvae/demo.yaml")
+    save_exported(MQVAE(tcfg.model).eval(), tcfg, root / "tok")
+    cfg = load_config("configs/demo.yaml", list(model_overrides))
+    save_exported(Stackformer(cfg.model).eval(), cfg, root / "model")
+    return str(root / "model"), str(root / "tok")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    shapes = str(root / "shapes")
+    write_shapes(shapes, 8, resolution=32, shard_size=8, progress=False)
+    return export_pair(root, f"data.train_url={shapes}")
+
+
+def run(pair, out, *extra):
+    model, tok = pair
+    return sample_main(["--model", model, "--tokenizer", tok, "--out", str(out), "--code-top-k", "50", *extra])
+
+
+def test_same_seed_same_images_and_another_seed_differs(pair, tmp_path):
+    assert run(pair, tmp_path / "a.png", "--classes", "1,3", "-n", "3", "--per-image", "--seed", "5") == 0
+    assert run(pair, tmp_path / "b.png", "--classes", "1,3", "-n", "3", "--per-image", "--seed", "5") == 0
+    assert run(pair, tmp_path / "c.png", "--classes", "1,3", "-n", "3", "--per-image", "--seed", "6") == 0
+    a = sorted((tmp_path / "a").glob("*.png"))
+    assert len(a) == 6
+    for p in a:
+        assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes()
+    assert any(p.read_bytes() != (tmp_path / "c" / p.name).read_bytes() for p in a)
+    grid = Image.open(tmp_path / "a.png")
+    assert grid.size[0] > 3 * 64 and grid.size[1] >= 2 * 64   # 2 rows of 3, cells enlarged to >= 64 px
+
+
+def test_prints_images_per_second(pair, tmp_path, capsys):
+    assert run(pair, tmp_path / "g.png", "--classes", "0", "-n", "2") == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("2 images (16 tokens each)") and "images/s on cpu" in line
+
+
+def test_guided_grid_and_its_scale_0_equals_conditional(pair, tmp_path):
+    assert run(pair, tmp_path / "plain.png", "--classes", "2,4", "-n", "2", "--per-image") == 0
+    assert run(pair, tmp_path / "zero.png", "--classes", "2,4", "-n", "2", "--per-image", "--cfg-scale", "0") == 0
+    assert run(pair, tmp_path / "s3.png", "--classes", "2,4", "-n", "2", "--per-image", "--cfg-scale", "3") == 0
+    for p in sorted((tmp_path / "plain").glob("*.png")):
+        assert p.read_bytes() == (tmp_path / "zero" / p.name).read_bytes()
+    assert any(p.read_bytes() != (tmp_path / "s3" / p.name).read_bytes()
+               for p in (tmp_path / "plain").glob("*.png"))
+
+
+def test_rows_carry_the_training_data_class_names(pair):
+    from mqscale.sample import conditions
+    gen = ImageGenerator(*pair, device="cpu")
+
+    class NS:
+        classes, prompts, n, class_names, storage_options = "0,3", "", 2, "", {}
+    cond, labels = conditions(gen, NS)
+    assert cond.tolist() == [0, 0, 3, 3]
+    from data_tools.make_shapes import KINDS
+    assert labels == [f"0: {list(KINDS)[0]}", f"3: {list(KINDS)[3]}"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--unconditional"], "class-conditional: use --classes"),
+    (["--classes", "3,99"], "ids must lie in [0, 10)"),
+    (["--classes", "a,b"], "class ids separated by commas"),
+    (["--classes", "1", "--code-top-p", "0"], "--code-top-p in (0, 1]"),
+])
+def test_bad_requests_get_one_line(pair, tmp_path, capsys, args, message):
+    assert run(pair, tmp_path / "x.png", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_guidance_refused_for_a_model_trained_without_condition_dropout(tmp_path, capsys):
+    pair = export_pair(tmp_path, "train.p_uncond=0")
+    assert run(pair, tmp_path / "x.png", "--classes", "1", "--cfg-scale", "2") == 2
+    assert "train.p_uncond=0" in capsys.readouterr().err
+
+
+def test_tokenizer_must_match_the_model(tmp_path, capsys):
+    model, tok = export_pair(tmp_path, "model.seq_len=12")
+    assert run((model, tok), tmp_path / "x.png", "--classes", "1") == 2
+    assert "sequence length L 12" in capsys.readouterr().err
+
+
+def test_text_model_from_prompts_and_unconditional_model(tmp_path):
+    model, tok = export_pair(tmp_path / "t", "model.cond=text", "model.text_len=8")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    assert run((model, tok), tmp_path / "t.png", "--prompts", str(prompts), "-n", "2", "--cfg-scale", "1.5") == 0
+    model, tok = export_pair(tmp_path / "u", "model.cond=none", "train.p_uncond=0")
+    assert run((model, tok), tmp_path / "u.png", "--unconditional", "-n", "5") == 0
+    arr = np.array(Image.open(io.BytesIO((tmp_path / "u.png").read_bytes())))
+    assert arr.ndim == 3 and arr.shape[2] == 3
