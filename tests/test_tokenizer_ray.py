@@ -1,4 +1,9 @@
-"""train_tokenizer under real Ray Train: 2 workers (gloo), checkpoints, automatic resume."""
+"""train_tokenizer under real Ray Train: 2 workers (gloo), checkpoints, automatic resume.
+
+17 images over 2 ranks at batch 4: rank 0 gets 8 (two full batches, then one of padding only),
+rank 1 gets 9, so every third step one rank, the first, holds no real image. Its collectives
+must still match the other rank's (the EMA codebook's sums and restart broadcast, the gradient
+all-reduce): before per-row weights that step aborted gloo."""
 from __future__ import annotations
 
 import re
@@ -24,7 +29,7 @@ def run(tmp_path, steps):
 
 
 def test_two_workers_train_checkpoint_and_resume(tmp_path):
-    write_shapes(str(tmp_path / "shapes"), 64, resolution=32, shard_size=16, progress=False)
+    write_shapes(str(tmp_path / "shapes"), 17, resolution=32, shard_size=16, progress=False)
     first = run(tmp_path, 4)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "world_rank=1" in first.stdout + first.stderr
@@ -39,3 +44,6 @@ def test_two_workers_train_checkpoint_and_resume(tmp_path):
     ea.Reload()
     steps = sorted({e.step for e in ea.Scalars("psnr")})
     assert steps == [1, 2, 3, 4, 5, 6]
+    # rank 0's third batch of each epoch was all padding (4 holes), and training went on past it
+    padding = {e.step: e.value for e in ea.Scalars("data/padding")}
+    assert padding == {1: 0, 2: 0, 3: 4, 4: 4, 5: 4, 6: 8}

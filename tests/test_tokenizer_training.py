@@ -164,3 +164,44 @@ def test_keys_tokenizer_training_does_not_read_are_unknown(key):
     """The cadences live in train.* (log_every, image_every, checkpoint_every): one place each."""
     with pytest.raises(ConfigError, match=f"{key.split('=')[0]}: unknown key"):
         load_tokenizer_config("configs/mqvae/debug.yaml", [key])
+
+
+def test_learning_rate_scales_base_lr_by_the_total_batch_with_linear_warmup(shapes, tmp_path):
+    from mqscale.train.tokenizer_trainer import learning_rate
+    c = cfg(shapes, tmp_path, "optim.base_lr=4.5e-6", "optim.scale_lr=true", "optim.warmup_steps=4")
+    peak = 4.5e-6 * 8 * 2                        # base_lr x (batch 8 per rank x 2 ranks), as VQGAN
+    assert [learning_rate(c, 2, s) for s in range(6)] == pytest.approx(
+        [peak / 4, peak / 2, 3 * peak / 4, peak, peak, peak])
+    assert learning_rate(c, 1, 10) == pytest.approx(4.5e-6 * 8)
+    c = cfg(shapes, tmp_path, "optim.base_lr=4.5e-6", "optim.scale_lr=false", "optim.warmup_steps=0")
+    assert learning_rate(c, 4, 0) == pytest.approx(4.5e-6)
+    # the trainer sets it on both optimizers at every step
+    c = cfg(shapes, tmp_path, "optim.base_lr=1e-5", "optim.scale_lr=true", "optim.warmup_steps=3",
+            "train.max_steps=2", "train.image_every=0")
+    t = TokenizerTrainer(c, LocalSession(str(tmp_path / "lr")))
+    batch = next(iter(t.loader))
+    for step in (0, 1):
+        t.step = step
+        logs = t.train_step(batch)
+        want = 1e-5 * 8 * (step + 1) / 3
+        assert logs["lr"] == pytest.approx(want)
+        assert all(g["lr"] == pytest.approx(want) for o in (t.opt_g, t.opt_d) for g in o.param_groups)
+
+
+def test_a_padding_only_batch_moves_nothing(shapes, tmp_path):
+    """All rows are holes (a rank past its share, or nothing decoded): no weight, codebook,
+    BatchNorm statistic or optimizer state moves, and the step still runs through."""
+    t = TokenizerTrainer(cfg(shapes, tmp_path, "train.max_steps=1"), LocalSession(str(tmp_path / "pad")))
+    t.train_step(next(iter(t.loader)))            # optimizer state exists, the GAN is on
+    batch = next(iter(t.loader))
+    batch = dict(batch, mask=torch.zeros_like(batch["mask"]))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    disc = {k: v.clone() for k, v in t.loss.discriminator.state_dict().items()}
+    opt_steps = [s["step"].clone() for s in t.opt_g.state.values()]
+    logs = t.train_step(batch)
+    assert "loss/disc" in logs and logs["loss/pixel"] == 0.0
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in t.loss.discriminator.state_dict().items():
+        assert torch.equal(v, disc[k]), k
+    assert [s["step"] for s in t.opt_g.state.values()] == opt_steps

@@ -60,16 +60,19 @@ class MQVAE(nn.Module):
         if not torch.isfinite(x).all():
             raise ValueError("images contain NaN or infinite values")
 
-    def _encode(self, x: torch.Tensor, update: bool | None = None):
+    def _encode(self, x: torch.Tensor, update: bool | None = None, weight: torch.Tensor | None = None):
         self.check_images(x)
         m = self.masker(self.encoder(x))
-        q = self.quantize(m.features, update=update)
+        q = self.quantize(m.features, update=update, weight=None if weight is None else weight[:, None])
         g = self.cfg.grid
         return q, Encoded(q.codes, m.positions, m.scores.detach().view(-1, g, g))
 
-    def forward(self, x: torch.Tensor, update: bool | None = None) -> MQVAEOutput:
-        """Training call; ``update=False`` keeps the EMA codebook still (default: in training)."""
-        q, enc = self._encode(x, update)
+    def forward(self, x: torch.Tensor, update: bool | None = None,
+                weight: torch.Tensor | None = None) -> MQVAEOutput:
+        """Training call; ``update=False`` keeps the EMA codebook still (default: in training).
+        ``weight`` [B] weighs each image in the codebook update and the commitment loss
+        (padding rows: 0)."""
+        q, enc = self._encode(x, update, weight)
         recon = self.decoder(self.demasker(q.quantized, enc.positions))
         return MQVAEOutput(recon, q.commit_loss, enc, q.restarts)
 

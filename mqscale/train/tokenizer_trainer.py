@@ -18,7 +18,7 @@ import math
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -44,6 +44,22 @@ def to_images(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [B, H, W, C] -> float [-1, 1] [B, C, H, W], and the valid-row mask."""
     x = batch["images"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, batch["mask"].to(device)
+
+
+@contextmanager
+def _frozen_batchnorm_stats(*modules: torch.nn.Module, frozen: bool):
+    """Keep BatchNorm running statistics as they were across a padding-only step."""
+    if not frozen:
+        yield
+        return
+    norms = [m for mod in modules for m in mod.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [[b.clone() for b in m.buffers()] for m in norms]
+    try:
+        yield
+    finally:
+        for m, bufs in zip(norms, saved):
+            for b, v in zip(m.buffers(), bufs):
+                b.copy_(v)
 
 
 def perceptual(cfg: TokenizerRunConfig) -> LPIPS | None:
@@ -149,35 +165,47 @@ class TokenizerTrainer:
     # ------------------------------------------------------------------ the step
 
     def train_step(self, batch: dict) -> dict[str, float]:
+        """One generator (and, from ``disc_start``, discriminator) step on this rank's valid rows.
+
+        Every rank makes the same collectives in the same order whatever its batch holds: a rank
+        whose batch is all padding (its share of the epoch ran out, or nothing decoded) runs one
+        padding row with weight 0, which moves neither the codebook, nor its BatchNorm
+        statistics, nor (after the gradient all-reduce) the weights. Each rank's loss is scaled
+        by its share of the step's valid images, so the averaged gradient is the mean over all
+        valid images of all ranks. When no rank holds a valid image the optimizers do not step.
+        """
         x, mask = to_images(batch, self.device)
-        weight = torch.ones(int(mask.sum()), device=self.device)
-        update = bool(mask.any())
-        if update:
-            x = x[mask]
-        else:  # every row is padding: keep the collectives in step, learn nothing
-            x, weight = x[:1], torch.zeros(1, device=self.device)
+        n = int(mask.sum())
+        x = x[mask] if n else x[:1]
+        weight = torch.full((x.shape[0],), 1.0 if n else 0.0, device=self.device)
+        mean_n = dist.all_reduce_mean({"n": float(n)}, self.device)["n"] if self.session.world > 1 else float(n)
+        self._share = n / mean_n if n else 0.0      # this rank's weight in the mean over ranks
+        self._any_valid = mean_n > 0
         lr = learning_rate(self.cfg, self.session.world, self.step)
         for opt in (self.opt_g, self.opt_d):
             for g in opt.param_groups:
                 g["lr"] = lr
-        with self.amp:
-            out = self.model(x, update=update)
-            loss, logs = self.loss.generator(x, out.recon, out.commit_loss * weight.mean(), weight, self.step,
-                                             self.model.decoder.last_layer)
-        self.opt_g.zero_grad(set_to_none=True)
-        (loss * (1.0 if update else 0.0)).backward()
-        dist.average_gradients(self.model.parameters())
-        if self.cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.opt_g.step()
-        if self.loss.gan_active(self.step):
+        with _frozen_batchnorm_stats(self.model, self.loss.discriminator, frozen=not n):
             with self.amp:
-                d_loss, d_logs = self.loss.discriminator_loss(x, out.recon, weight)
-            self.opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            dist.average_gradients(self.loss.discriminator.parameters())
-            self.opt_d.step()
-            logs.update(d_logs)
+                out = self.model(x, update=True, weight=weight)
+                loss, logs = self.loss.generator(x, out.recon, out.commit_loss, weight, self.step,
+                                                 self.model.decoder.last_layer)
+            if mean_n > 0:
+                self.opt_g.zero_grad(set_to_none=True)
+                (loss * self._share).backward()
+                dist.average_gradients(self.model.parameters())
+                if self.cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+                self.opt_g.step()
+            if self.loss.gan_active(self.step):
+                with self.amp:
+                    d_loss, d_logs = self.loss.discriminator_loss(x, out.recon, weight)
+                if mean_n > 0:
+                    self.opt_d.zero_grad(set_to_none=True)
+                    (d_loss * self._share).backward()
+                    dist.average_gradients(self.loss.discriminator.parameters())
+                    self.opt_d.step()
+                logs.update(d_logs)
         used, ppl = self.model.quantize.usage(out.encoded.codes)
         mse = ((out.recon.detach().float().clamp(-1, 1) - x) ** 2).mean().clamp_min(1e-12)
         logs.update({"codebook/usage": used, "codebook/perplexity": ppl, "codebook/restarts": float(out.restarts),
@@ -197,7 +225,7 @@ class TokenizerTrainer:
                 images += int(batch["mask"].sum())
                 self.step += 1
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                    self._log(dist.all_reduce_mean(logs, self.device), images * self.session.world / (time.perf_counter() - t0))
+                    self._log(self._reduce_logs(logs), images * self.session.world / (time.perf_counter() - t0))
                 if cfg.train.image_every and self.step % cfg.train.image_every == 0:
                     self._log_images()
                 done = self.step >= cfg.train.max_steps
@@ -212,6 +240,14 @@ class TokenizerTrainer:
             if self.tb_remote is not None:
                 shutil.rmtree(self.tb_dir, ignore_errors=True)
         return {"step": self.step, **logs}
+
+    def _reduce_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """The step's logs averaged over ranks, each rank weighted by its valid images (a
+        padding-only rank's numbers, computed on a padding row, count for nothing)."""
+        if self.session.world == 1:
+            return logs
+        share = self._share if self._any_valid else 1.0   # shares average to 1 over ranks
+        return dist.all_reduce_mean({k: v if k == "lr" else v * share for k, v in logs.items()}, self.device)
 
     def _log(self, logs: dict[str, float], images_per_s: float) -> None:
         stats = self.loader.stats()
