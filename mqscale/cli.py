@@ -23,11 +23,22 @@ def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
             print(f"config error: {e}", file=sys.stderr)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+        except (ValueError, OSError) as e:
+            if not _names_its_input(e):
+                raise
+            print(f"error: {e}", file=sys.stderr)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
         return 2
     return wrapper
+
+
+def _names_its_input(e: BaseException) -> bool:
+    """Errors of the data layer and storage that already are one line naming the URL at fault."""
+    from mqscale.data.fs import StorageError
+    from mqscale.data.manifest import ManifestError
+    return isinstance(e, (ManifestError, StorageError))
 
 
 def add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:

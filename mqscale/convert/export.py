@@ -110,7 +110,10 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", verify: 
                         f"{sorted(k.format for k in kinds.values())}")
     if expect is not None and kind.format != kinds[expect].format:
         raise UserError(f"{d}: holds a {kind.format} model, not a {kinds[expect].format} one")
-    weights = d / meta.get("weights", WEIGHTS)
+    name = meta.get("weights", WEIGHTS)
+    if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise UserError(f"{d / CONFIG}: weights file {name!r} is not a plain file name in the export directory")
+    weights = d / name
     if verify and sha256_file(weights) != meta.get("weights_sha256"):
         raise UserError(f"{weights}: sha256 does not match {d / CONFIG}; the export is damaged")
     cfg = from_dict(meta["config"], str(d / CONFIG), root=kind.root())  # bad config: ConfigError naming it

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mqscale.data import fs
+from mqscale.data.tario import unsafe_name
 
 MANIFEST_NAME = "manifest.json"
 IMAGES_FORMAT = "mqscale-images/1"
@@ -77,6 +78,10 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
         if d.get("format") not in FORMATS:
             raise ManifestError(f"{url}: format {d.get('format')!r} is not one of {sorted(FORMATS)}")
         shards = [ShardInfo(**s) for s in d["shards"]]
+        for s in shards:  # a shard name is joined to the manifest's directory: it must stay inside it
+            why = unsafe_name(s.name)
+            if why:
+                raise ManifestError(f"{url}: shard name {s.name!r} is unsafe ({why})")
         return Manifest(format=d["format"], shards=shards, classes=d.get("classes"),
                         meta=d.get("meta") or {}, created_by=d.get("created_by", ""))
     except ManifestError:

@@ -47,6 +47,18 @@ class ReadStats:
         return {k: v for k, v in self.__dict__.items() if k != "events"}
 
 
+def unsafe_name(name: str) -> str | None:
+    """Why a member or shard name could reach outside its directory if someone extracted or
+    joined it (absolute, a ``..`` segment, a backslash, a URL or a NUL), or None when it is safe.
+    Names are only ever grouped in memory here, but a name that is unsafe anywhere is refused
+    everywhere: a shard never carries it, and a reader counts it instead of passing it on."""
+    if not name or name.startswith(("/", "~")) or "\\" in name or "\0" in name or "://" in name:
+        return "absolute, a URL, or holds a backslash or NUL"
+    if any(part == ".." for part in name.split("/")):
+        return "climbs out with '..'"
+    return None
+
+
 def split_name(name: str) -> tuple[str, str]:
     """``a/b/key.x.y`` -> (``a/b/key``, ``x.y``), the WebDataset key/extension rule."""
     slash = name.rfind("/") + 1
@@ -88,9 +100,11 @@ def iter_samples(f: IO[bytes], shard: str, stats: ReadStats) -> Iterator[tuple[s
                 if not member.isfile():
                     continue
                 k, ext = split_name(member.name)
-                if ext.rsplit(".", 1)[-1].lower() in REFUSED_EXTS:
+                bad_name = unsafe_name(member.name)
+                if bad_name or ext.rsplit(".", 1)[-1].lower() in REFUSED_EXTS:
                     stats.refused_members += 1
-                    msg = f"{shard}: refused {member.name} (pickle-like member, not decoded)"
+                    why = f"unsafe name: {bad_name}" if bad_name else "pickle-like member, not decoded"
+                    msg = f"{shard}: refused {member.name!r} ({why})"
                     if refused:
                         stats.note(msg)
                     else:  # logged once per shard: a shard full of pickles must not flood the log
@@ -122,6 +136,9 @@ class TarWriter:
         self.tf = tarfile.open(fileobj=f, mode="w|", format=tarfile.GNU_FORMAT)
 
     def add(self, name: str, data: bytes) -> None:
+        why = unsafe_name(name)
+        if why:
+            raise ValueError(f"tar member {name!r}: {why}; shards never hold such names")
         info = tarfile.TarInfo(name)
         info.size = len(data)
         info.mtime = 0
