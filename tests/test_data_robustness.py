@@ -30,19 +30,49 @@ def valid_ids(loader):
     return [i for b in loader for i in b["sample_id"][b["mask"]].tolist()]
 
 
-def test_truncated_shard_is_counted_and_the_rest_arrives(tmp_path):
-    token_set(str(tmp_path), COUNTS)
+def rows_before_cut(data: bytes, cut: int, chunk: int = 16) -> int:
+    """Rows of a token shard that survive a cut at byte ``cut``, by the reader's rule: a sample
+    (header or chunk) is delivered once the next sample's first member has been read whole; the
+    last one needs the end-of-archive marker, which a cut shard lacks."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        members = tf.getmembers()
+    first_end: dict[str, int] = {}
+    for m in members:
+        first_end.setdefault(m.name.split(".")[0], m.offset_data + m.size)
+    keys = list(first_end)
+    delivered = [k for k, nxt in zip(keys, keys[1:]) if first_end[nxt] <= cut]
+    return len(delivered[1:]) * chunk if delivered else 0   # keys[0] is the header; chunks 0, 1 are full
+
+
+def _cuts(data: bytes) -> dict[str, int]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        m = {x.name: x for x in tf.getmembers()}
+    return {
+        "half": len(data) // 2,
+        "inside chunk 1's first member": m["000001.codes.npy"].offset_data + 10,
+        "inside chunk 1's second member": m["000001.posbits.npy"].offset_data + 10,
+        "at the member boundary before chunk 2": m["000002.codes.npy"].offset,
+    }
+
+
+@pytest.mark.parametrize("where", ["half", "inside chunk 1's first member", "inside chunk 1's second member",
+                                   "at the member boundary before chunk 2"])
+def test_truncated_shard_is_counted_and_the_rest_arrives(tmp_path, where):
+    token_set(str(tmp_path), COUNTS)                      # 40 rows per shard in chunks of 16, 16, 8
     shard = tmp_path / "tokens-000001.tar"
     data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) // 2])            # cut mid-archive
+    cut = _cuts(data)[where]
+    kept = rows_before_cut(data, cut)
+    assert kept == {"half": 32, "inside chunk 1's first member": 0, "inside chunk 1's second member": 16,
+                    "at the member boundary before chunk 2": 16}[where]
+    shard.write_bytes(data[:cut])
     loader = StreamingLoader(str(tmp_path), cfg())
     ids = valid_ids(loader)
     st = loader.stats()
     assert st["corrupt_shards"] == 1
-    lost = 120 - len(ids)
-    assert 0 < lost < 40 and st["missing_samples"] == lost
-    assert set(range(0, 40)) | set(range(80, 120)) <= set(ids)     # the other shards are whole
-    assert len(ids) == len(set(ids))
+    assert 120 - len(ids) == 40 - kept == st["missing_samples"]
+    # the whole first and last shards, and exactly the leading rows of the cut one
+    assert sorted(ids) == list(range(0, 40 + kept)) + list(range(80, 120))
     assert any("tokens-000001.tar" in e for e in loader.events)
 
 

@@ -126,12 +126,27 @@ def test_a_killed_run_leaves_no_partial_shard_and_a_rerun_finishes(tmp_path):
     args = [sys.executable, "-m", "data_tools.shard_images", str(tmp_path / "src"), str(out),
             "--shard-size", "40", "--resolution", "128", "--image-format", "png", "--no-progress"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("images-*.tar")):
-        time.sleep(0.02)
-    time.sleep(0.15)   # well inside the next shard's write
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # Freeze the writer (one process: --workers 1) and look: kill it only when it is frozen in the
+    # middle of a shard, i.e. a shard's temporary file exists and at least one shard is final.
+    # The state seen while it is stopped is exactly the state it dies in.
+    in_flight, stopped = [], False
+    while proc.poll() is None:
+        os.kill(proc.pid, signal.SIGSTOP)
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)       # returns once it is really stopped
+        stopped = os.WIFSTOPPED(status)
+        if not stopped:                                      # it ended on its own (reaped here)
+            break
+        names = os.listdir(out) if out.exists() else []
+        in_flight = [n for n in names if n.startswith(".images-") and ".tar.tmp-" in n]
+        if in_flight and any(n.startswith("images-") and n.endswith(".tar") for n in names):
+            break
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.01)
+    if stopped:
+        proc.kill()
+        proc.wait()
+    assert in_flight, "the run finished before it was caught mid-shard; nothing was tested"
+    assert set(in_flight) <= set(os.listdir(out))           # the killed write left its temp file
     final = sorted(out.glob("images-*.tar"))
     assert final and not (out / "manifest.json").exists()
     assert len(final) < 10, "the run finished before it was killed; nothing was tested"
@@ -300,3 +315,29 @@ def _produce_lengths(f, job):
     w.add("000000.labels.npy", npy_bytes(np.zeros(n, np.int32)))
     w.close()
     return n
+
+
+def test_shard_mb_cuts_shards_by_size(tmp_path):
+    """--shard-mb: shards hold as many samples as fit the target, so their bytes, not their sample
+    counts, follow the target: twice the target, about twice the samples per shard."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(90):                       # noise: every PNG about the same (incompressible) size
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(src / f"n{i:03d}.png")
+    sample_bytes = np.mean([p.stat().st_size for p in src.iterdir()])
+    counts = {}
+    for mb in (0.1, 0.2):
+        out = tmp_path / f"out{mb}"
+        assert shard_images([str(src), str(out), "--shard-mb", str(mb), "--no-progress"]) == 0
+        m = read_manifest(str(out))
+        sizes = [(out / s.name).stat().st_size for s in m.shards]
+        n = [s.n for s in m.shards]
+        assert sum(n) == 90 and len(n) >= 3
+        assert len(set(n[:-1])) == 1 and n[-1] <= n[0]            # equal shards, the rest in the last
+        target = mb * 1e6
+        for size in sizes[:-1]:
+            assert size <= target + 10240                        # at most one tar record over
+            assert size + 2 * (sample_bytes + 2048) > target     # and full: no room for two more samples
+        counts[mb] = n[0]
+    assert 1.8 <= counts[0.2] / counts[0.1] <= 2.2, counts
