@@ -1,6 +1,9 @@
 """Optimizer recipe: decay groups and the warmup + cosine schedule."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -24,8 +27,8 @@ def test_no_decay_on_biases_norms_embeddings():
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
 
 
-@pytest.fixture
-def one_rank_gloo(monkeypatch):
+@contextlib.contextmanager
+def one_rank_group():
     """A real one-process gloo group, as Ray Train or the deepspeed launcher would have made it."""
     import socket
 
@@ -33,20 +36,28 @@ def one_rank_gloo(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(k, v)
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-def test_zero3_partitioned_model_keeps_decay_split_and_count(one_rank_gloo):
+def test_zero3_partitioned_model_keeps_decay_split_and_count():
     """Under deepspeed.zero.Init every parameter is an empty placeholder when the groups are made:
     the split must come from the real shapes, or nothing would be decayed."""
     from mqscale.train.engine import build_model, ds_config
     cfg = load_config(DEBUG, ["deepspeed.zero_stage=3"])
-    model = build_model(cfg, ds_config(cfg, 1))
+    with one_rank_group():
+        model = build_model(cfg, ds_config(cfg, 1))
     assert all(p.numel() == 0 and hasattr(p, "ds_shape") for p in model.parameters())  # really partitioned
     decay, no_decay = param_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -12,7 +12,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_tools.make_shapes import write_shapes
+from mqscale.config import load_config
 from mqscale.convert.export import load_exported, save_exported
+from mqscale.models import param_count
 from mqscale.models.mqvae import MQVAE
 from mqscale.tokenize import main as tokenize_main
 from mqscale.tokenizer_config import load_tokenizer_config
@@ -39,16 +41,38 @@ def train(demo, storage, *overrides, env=None, launcher=None, timeout=600):
             f"checkpoint.dir={storage}", "logging.log_every=2", "data.batch_size=8", *overrides]
     if launcher:
         args = launcher + ["mqscale.train"] + args[3:] + ["--launcher", "deepspeed"]
+    # RAY_DEDUP_LOGS=0: Ray would fold the ranks' alike log lines into one, and the tests count lines
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, "RAY_DEDUP_LOGS": "0", **(env or {})})
 
 
 def losses(out: str) -> list[float]:
     return [float(line.split(" loss ")[1].split()[0]) for line in out.splitlines() if " loss " in line and "step " in line]
 
 
+def events(tb_dir) -> EventAccumulator:
+    ea = EventAccumulator(str(tb_dir))
+    ea.Reload()
+    return ea
+
+
+def hparams(ea: EventAccumulator) -> dict:
+    """The hparams a run logged (tensorboard's hparams plugin record)."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    content = ea.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+
+
+def client_state(ckpt: Path) -> dict:
+    """What a checkpoint says about the run: step, tokens, every rank's loader position and RNG."""
+    # our own test run's DeepSpeed pickle
+    return torch.load(ckpt / "ds" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+
+
 def test_zero2_two_workers_learn_log_checkpoint_export_and_continue(demo_data, tmp_path):
-    r = train(demo_data, tmp_path, "train.max_steps=12", "checkpoint.every_steps=6", "logging.sample_every=6")
+    r = train(demo_data, tmp_path, "train.max_steps=12", "checkpoint.every_steps=6", "logging.sample_every=6",
+              "logging.peak_tflops=0.5", "checkpoint.keep_last=2")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     ls = losses(out)
@@ -57,12 +81,18 @@ def test_zero2_two_workers_learn_log_checkpoint_export_and_continue(demo_data, t
     found = CheckpointStore(str(run)).candidates()
     assert [f.step for f in found] == [12, 6] and all(f.marker["world"] == 2 for f in found)
     assert (run / "samples" / "step_000000012.png").is_file()
-    ea = EventAccumulator(str(run / "tb"))
-    ea.Reload()
+    ea = events(run / "tb")
     for tag in ("loss/total", "loss/code", "loss/position", "lr", "grad_norm", "perf/tokens_per_s",
-                "perf/sequences_per_s", "perf/data_wait_share", "perf/step_time_s", "memory_gb", "data/padding"):
+                "perf/sequences_per_s", "perf/data_wait_share", "perf/step_time_s", "memory_gb", "data/padding",
+                "perf/mfu"):
         assert tag in ea.Tags()["scalars"], tag
-    assert "samples/class_rows" in ea.Tags()["images"]
+    mfu = ea.Scalars("perf/mfu")[-1].value       # model TFLOP/s per worker over the 0.5 given as peak
+    tflops = ea.Scalars("perf/model_tflops_per_worker")[-1].value
+    assert mfu == pytest.approx(tflops / 0.5) and mfu > 0
+    assert [e.step for e in ea.Images("samples/class_rows")] == [6, 12]
+    hp = hparams(ea)
+    assert hp["params"] == param_count(load_config("configs/demo.yaml").model) and hp["world"] == 2
+    assert hp["zero_stage"] == 2 and hp["name"] == "stackformer-demo"
     # export -> a fresh process loads and samples
     e = subprocess.run([sys.executable, "-m", "mqscale.export", str(run), str(tmp_path / "exp")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
@@ -72,12 +102,14 @@ def test_zero2_two_workers_learn_log_checkpoint_export_and_continue(demo_data, t
             "assert (pos.diff(dim=1) > 0).all(); print('sampled', tuple(codes.shape))")
     s = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert s.returncode == 0 and "sampled (4, 16)" in s.stdout, s.stderr
-    # relaunch with more steps continues from step 12
-    again = train(demo_data, tmp_path, "train.max_steps=14", "checkpoint.every_steps=6")
+    # relaunch with more steps continues from step 12; the third save leaves the last two (keep_last=2)
+    again = train(demo_data, tmp_path, "train.max_steps=14", "checkpoint.every_steps=6", "checkpoint.keep_last=2")
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-3000:]
     assert "resumed from" in out and "at step 12" in out
-    assert [f.step for f in CheckpointStore(str(run)).candidates()][:2] == [14, 12]
+    assert [f.step for f in CheckpointStore(str(run)).candidates()] == [14, 12]
+    assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_000000012",
+                                                                            "checkpoint_000000014"]
 
 
 def test_zero3_two_workers_learn(demo_data, tmp_path):
@@ -86,6 +118,9 @@ def test_zero3_two_workers_learn(demo_data, tmp_path):
     assert r.returncode == 0, out[-4000:]
     ls = losses(out)
     assert ls and ls[-1] < ls[0]
+    # counted whole although every rank holds only its partition
+    hp = hparams(events(tmp_path / "stackformer-demo" / "tb"))
+    assert hp["params"] == param_count(load_config("configs/demo.yaml").model) and hp["zero_stage"] == 3
     e = subprocess.run([sys.executable, "-m", "mqscale.export", str(tmp_path / "stackformer-demo"),
                         str(tmp_path / "exp")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert e.returncode == 0, e.stderr
@@ -94,21 +129,37 @@ def test_zero3_two_workers_learn(demo_data, tmp_path):
 
 
 def test_killed_worker_resumes_exactly(demo_data, tmp_path):
+    """The killed run starts from the clean run's step-4 checkpoint (--resume-from), saves its own at
+    step 8, loses rank 1 at step 9 and is restarted by Ray (max_failures=1): the restart must take
+    the run's own step 8, not go back to the user's step 4. Its fp32 master weights, tokens and data
+    positions then equal those of the uninterrupted run."""
     common = ["train.max_steps=10", "checkpoint.every_steps=4", "logging.tokenizer=", "ray.max_failures=1"]
     clean = train(demo_data, tmp_path / "clean", *common)
     assert clean.returncode == 0, (clean.stdout + clean.stderr)[-3000:]
+    seed = tmp_path / "clean" / "stackformer-demo" / "checkpoint_000000004"
     flag = tmp_path / "killed.flag"
-    killed = train(demo_data, tmp_path / "killed", *common, env={"MQSCALE_FAULT_EXIT": f"6:1:{flag}"})
+    killed = train(demo_data, tmp_path / "killed", *common, "--resume-from", str(seed),
+                   env={"MQSCALE_FAULT_EXIT": f"9:1:{flag}"})
     out = killed.stdout + killed.stderr
     assert killed.returncode == 0, out[-4000:]
-    assert flag.exists() and "resumed from" in out and "at step 4" in out
+    own = tmp_path / "killed" / "stackformer-demo" / "checkpoint_000000008"
+    assert flag.exists()
+    assert out.count(f"resumed from {seed} at step 4") == 2, out[-4000:]     # both ranks, first attempt only
+    assert out.count(f"resumed from {own} at step 8") == 2, out[-4000:]      # both ranks, after the restart
     for d in ("clean", "killed"):
         subprocess.run([sys.executable, "-m", "mqscale.export", str(tmp_path / d / "stackformer-demo"),
                         str(tmp_path / d / "exp")], cwd=ROOT, check=True, capture_output=True, timeout=300)
     a, _ = load_exported(tmp_path / "clean" / "exp")
     b, _ = load_exported(tmp_path / "killed" / "exp")
+    rounded = 0
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert (x - y).abs().max().item() <= 1e-6, k
+        rounded += int((x != x.bfloat16().float()).sum())
+    assert rounded > 0.9 * sum(p.numel() for p in a.parameters())   # fp32 masters, not the bf16 module copy
+    ca = client_state(tmp_path / "clean" / "stackformer-demo" / "checkpoint_000000010")
+    cb = client_state(tmp_path / "killed" / "stackformer-demo" / "checkpoint_000000010")
+    assert ca["step"] == cb["step"] == 10 and ca["tokens"] == cb["tokens"] > 0
+    assert ca["loader"] == cb["loader"] and len(ca["loader"]) == 2            # the same data seen, per rank
 
 
 def test_damaged_newest_checkpoint_falls_back(demo_data, tmp_path):
@@ -131,11 +182,16 @@ def test_damaged_newest_checkpoint_falls_back(demo_data, tmp_path):
 
 def test_deepspeed_launcher_runs_the_same_loop(demo_data, tmp_path):
     ds = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--module"]
-    r = train(demo_data, tmp_path, "train.max_steps=4", "logging.tokenizer=", launcher=ds)
+    r = train(demo_data, tmp_path, "train.max_steps=4", "logging.tokenizer=", "checkpoint.every_steps=1",
+              "checkpoint.keep_last=2", launcher=ds)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
-    found = CheckpointStore(str(tmp_path / "stackformer-demo")).latest_valid()
+    store = CheckpointStore(str(tmp_path / "stackformer-demo"))
+    found = store.latest_valid()
     assert found is not None and found.step == 4 and found.marker["world"] == 2
+    assert [f.step for f in store.candidates()] == [4, 3]                     # 4 saves, the last 2 kept
+    assert sorted(p.name for p in (tmp_path / "stackformer-demo").iterdir() if p.name.startswith("checkpoint_")) \
+        == ["checkpoint_000000003", "checkpoint_000000004"]
     assert "step 4/4" in out
 
 
@@ -201,6 +257,15 @@ def test_two_node_cluster_with_checkpoints_only_in_s3(demo_data, tmp_path, s3, c
         assert "resumed from s3://mqscale-test/runs/stackformer-demo/checkpoint_000000006 at step 6" in logs
         body = store.latest_valid().marker
         assert body["world"] == 2 and any("zero_pp_rank_1_" in f for f in body["files"])
+        # TensorBoard reached the bucket after the writer closed: the last step's scalars and the hparams
+        import s3fs
+        bucket = s3fs.S3FileSystem(**s3)
+        tb = "mqscale-test/runs/stackformer-demo/tb"
+        assert any("tfevents" in p for p in bucket.ls(tb))
+        bucket.get(tb + "/", str(tmp_path / "tb"), recursive=True)
+        ea = events(tmp_path / "tb")
+        assert 8 in [e.step for e in ea.Scalars("loss/total")]
+        assert hparams(ea)["params"] == param_count(load_config("configs/demo.yaml").model)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -222,11 +287,98 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_with_a_checkpoin
     assert e.returncode == 0, e.stderr
     m, _ = load_exported(tmp_path / "exp")
     assert all(torch.isfinite(p).all() for p in m.parameters())
-    # a streak: every micro-batch towards step 10 is NaN; more than 2 in a row stops after a checkpoint
+    # a streak: every micro-batch towards step 10 is NaN; more than 2 in a row stops after a checkpoint.
+    # Stopping is not a worker failure: with max_failures=1 Ray must not start the workers again.
     r = train(demo_data, tmp_path, "train.max_steps=12", "train.max_nonfinite=2", "logging.tokenizer=",
-              env={"MQSCALE_FAULT_NAN": "loss:10:1000"})
-    assert r.returncode == 1
+              "ray.max_failures=1", env={"MQSCALE_FAULT_NAN": "loss:10:1000"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("training failed:") and "3 non-finite losses or gradients in a row at step 10" in last, \
         r.stderr[-2000:]
+    assert out.count("resumed from") == 2, out[-4000:]               # one start of both ranks, no retry
+    assert out.count("fault injection: non-finite loss at step 10") == 3
     assert CheckpointStore(str(run)).latest_valid().step == 9
+
+
+# ---------------------------------------------------------------- one rank, in a process of its own
+
+def in_one_rank(case: str, *args) -> None:
+    """Run ``case(*args)`` (a function below) in a fresh process holding a one-rank gloo group:
+    DeepSpeed caches its process groups per process, so each case gets a process of its own."""
+    code = (f"from tests.test_optim import one_rank_group\nfrom tests.test_train_distributed import {case}\n"
+            f"with one_rank_group():\n    {case}(*{args!r})")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r.stdout
+
+
+def one_rank_run(tmp: Path, name: str, *overrides: str):
+    """A Trainer for the demo config in this process: world 1, bf16, synthetic tokens."""
+    from mqscale.data.synthetic import token_set
+    from mqscale.data.tokens import TokenMeta
+    from mqscale.train.session import LauncherSession
+    from mqscale.train.trainer import Trainer
+    tokens = tmp / "tokens"
+    if not tokens.exists():
+        meta = TokenMeta(grid=8, codebook_size=256, seq_len=16, cond="class", n_classes=10, tokenizer_sha256="0" * 64)
+        token_set(str(tokens), [64, 64], meta=meta)
+    cfg = load_config("configs/demo.yaml", [f"data.train_url={tokens}", f"checkpoint.dir={tmp}", f"name={name}",
+                                            "logging.tokenizer=", "ray.num_workers=1", "data.batch_size=8",
+                                            "logging.log_every=1", *overrides])
+    return Trainer(cfg, LauncherSession(f"{tmp}/{name}", None, cfg.checkpoint.keep_last))
+
+
+def case_unloadable_checkpoint(tmp: str) -> None:
+    import shutil
+
+    from mqscale.train.checkpoint import CheckpointError, local_files, write_marker
+    tmp = Path(tmp)
+    one_rank_run(tmp, "a", "train.max_steps=1").fit()
+    ckpt = tmp / "hollow"
+    shutil.copytree(tmp / "a" / "checkpoint_000000001", ckpt)
+    (ckpt / "ds" / "mp_rank_00_model_states.pt").unlink()
+    write_marker(ckpt, local_files(ckpt), 1, 1)                        # a marker that verifies
+    CheckpointStore(str(tmp / "b")).open_url(str(ckpt))
+    with pytest.raises(CheckpointError, match=f"^{ckpt}: DeepSpeed could not load it"):
+        one_rank_run(tmp, "b", "train.max_steps=2", f"checkpoint.resume_from={ckpt}")
+    assert not any((tmp / "b").glob("checkpoint_*"))                   # and no fresh start
+
+
+def test_checkpoint_deepspeed_cannot_load_is_a_checkpoint_error(tmp_path):
+    """A checkpoint whose marker verifies but that holds nothing DeepSpeed can load stops the run
+    with one CheckpointError naming it: never a fresh start, never DeepSpeed's bare assert."""
+    in_one_rank("case_unloadable_checkpoint", str(tmp_path))
+
+
+def case_export_masters(tmp: str, stages: list[int]) -> None:
+    for stage in stages:
+        export_masters(Path(tmp) / f"zero{stage}", stage)
+
+
+def export_masters(tmp: Path, stage: int) -> None:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from mqscale.export import export
+    t = one_rank_run(tmp, "run", "train.max_steps=3", f"deepspeed.zero_stage={stage}")
+    t.fit()
+    opt = t.engine.optimizer
+    masters = {}
+    for n, p in t.engine.module.named_parameters():
+        m = safe_get_full_fp32_param(p) if stage else next(   # ZeRO-0: the bf16 wrapper's fp32 copies
+            f for gp, gf in zip(opt.fp16_groups, opt.fp32_groups) for q, f in zip(gp, gf) if q is p)
+        masters[n] = m.detach().float().reshape(getattr(p, "ds_shape", p.shape))
+    assert all(p.dtype == torch.bfloat16 for p in t.engine.module.parameters()), stage
+    export(str(tmp / "run"), str(tmp / "exp"))
+    model, _ = load_exported(tmp / "exp")
+    exported = dict(model.named_parameters())
+    assert exported.keys() == masters.keys()
+    for n, m in masters.items():
+        assert torch.equal(exported[n].float(), m), (stage, n)
+    assert any((m != m.bfloat16().float()).any() for m in masters.values())   # masters are not bf16 copies
+
+
+def test_export_takes_fp32_master_weights(tmp_path):
+    """bf16 training keeps fp32 masters beside the bf16 module; export takes the masters, whatever
+    DeepSpeed names its files (bf16_zero_pp_rank_* under ZeRO-1/2, one model-states file under ZeRO-0)."""
+    in_one_rank("case_export_masters", str(tmp_path), [0, 2, 3])

@@ -20,14 +20,27 @@ DEMO = "configs/demo.yaml"
 
 
 def worker(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker. A run that stopped itself (TrainingStopped) returns normally:
+    raised, Ray would take it for a worker failure and restart the group within ``ray.max_failures``.
+    Its reason reached the driver with the final checkpoint's report (``stopped_reason``)."""
     from mqscale.train.ray_session import RaySession
-    from mqscale.train.trainer import train
+    from mqscale.train.trainer import TrainingStopped, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run_url = config.pop("_run_url")
     cfg = from_dict(config, "train_loop_config")
-    train(cfg, RaySession(run_url))
+    session = RaySession(run_url)
+    try:
+        train(cfg, session)
+    except TrainingStopped as e:
+        if session.rank == 0:
+            logging.getLogger("mqscale.train").error("stopped: %s", e)
+
+
+def stopped_reason(result) -> str | None:
+    """Why the run stopped itself, from the metrics of its last checkpoint report (None: it did not)."""
+    metrics = getattr(result, "metrics", None) or {}
+    return metrics.get("stopped_reason") or None
 
 
 def absolutize(cfg: Config) -> None:
@@ -45,17 +58,27 @@ def run_url(cfg: Config) -> str:
 
 
 def with_ray(cfg: Config) -> int:
+    import ray
+
     from mqscale.train.ray_launch import failure_line, launch
     from mqscale.train.validate import validate_run
 
     validate_run(cfg, cfg.ray.num_workers)
     url = run_url(cfg)
+    ours = not ray.is_initialized()  # launch() starts a local Ray then
     try:
-        launch(worker, {**to_dict(cfg), "_run_url": url}, cfg.ray, cfg.checkpoint, cfg.name)
+        result = launch(worker, {**to_dict(cfg), "_run_url": url}, cfg.ray, cfg.checkpoint, cfg.name)
     except Exception as e:  # the workers' tracebacks are already in the log above
         print(f"training failed: {failure_line(e)}", file=sys.stderr)
         return 1
     report(cfg, url)
+    why = stopped_reason(result)
+    if why:
+        if ours:  # the workers' last log lines come out before the reason
+            ray.shutdown()
+        sys.stdout.flush()
+        print(f"training failed: {why}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -70,8 +93,14 @@ def with_deepspeed(cfg: Config) -> int:
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     validate_run(cfg, dist.get_world_size())
+    from mqscale.train.trainer import TrainingStopped
     url = run_url(cfg)
-    train(cfg, LauncherSession(url, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last))
+    try:
+        train(cfg, LauncherSession(url, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last))
+    except TrainingStopped as e:
+        if dist.get_rank() == 0:
+            print(f"training failed: {e}", file=sys.stderr)
+        return 1
     if dist.get_rank() == 0:
         report(cfg, url)
     dist.barrier()

@@ -84,3 +84,4 @@ class Metrics:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None

@@ -38,6 +38,10 @@ def storage(path: str, storage_options: dict) -> tuple[str, object | None]:
 def launch(worker_fn: Callable[[dict], None], config: dict, ray_cfg: RayConfig, ckpt_cfg: CheckpointConfig,
            name: str) -> object:
     """Run ``worker_fn(config)`` on ``ray_cfg.num_workers`` Ray Train workers; returns the Result."""
+    # Train V2 semantics (report(..., checkpoint_dir_name=...), restoring a run by name): the default
+    # from Ray 2.51 on, which pyproject requires; set here too so an older default can't slip in.
+    # Read when ray.train is first imported; the Train controller passes it on to the workers.
+    os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
     import ray
     from ray.train import CheckpointConfig as RayCheckpointConfig
     from ray.train import FailureConfig, RunConfig, ScalingConfig

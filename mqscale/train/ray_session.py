@@ -23,7 +23,7 @@ class RaySession:
         ray.train.report(metrics, checkpoint=ckpt)
 
     def commit(self, staging: Path, name: str, metrics: dict) -> None:
-        ray.train.report({k: float(v) for k, v in metrics.items()},
+        ray.train.report({k: v if isinstance(v, str) else float(v) for k, v in metrics.items()},
                          checkpoint=ray.train.Checkpoint.from_directory(str(staging)), checkpoint_dir_name=name)
 
     @contextlib.contextmanager

@@ -73,7 +73,12 @@ class Trainer:
                                       pin_memory=self.device.type == "cuda")
         self.store = CheckpointStore(session.run_url, cfg.checkpoint.storage_options)
         self.step = self.tokens = self.nonfinite_streak = self.nonfinite_total = 0
-        tb = cfg.logging.tensorboard_dir or _local_tb_dir(session.run_url)
+        # remote storage: rank 0 writes the events to a scratch directory and syncs it to <run>/tb
+        self._tb_scratch = "://" in session.run_url and not cfg.logging.tensorboard_dir and self.rank == 0
+        if cfg.logging.tensorboard_dir or "://" not in session.run_url:
+            tb = cfg.logging.tensorboard_dir or f"{session.run_url}/tb"
+        else:
+            tb = tempfile.mkdtemp(prefix="mqscale-tb-") if self._tb_scratch else None
         self.metrics = Metrics(self.rank, tb, train_flops_per_token(cfg.model), device_peak_tflops(
             cfg.logging.peak_tflops), self.world)
         self.tb_dir = tb
@@ -86,13 +91,12 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _restore(self) -> str | None:
+        """The run's own newest verified checkpoint first: a worker restarted after a failure, or a
+        relaunch, continues where this run got to. ``resume_from`` only seeds a run that has none yet."""
         c = self.cfg.checkpoint
-        if c.resume_from:
+        found = self.store.latest_valid() if c.resume == "auto" or c.resume_from else None
+        if found is None and c.resume_from:
             found = self.store.open_url(c.resume_from)
-        elif c.resume == "auto":
-            found = self.store.latest_valid()
-        else:
-            return None
         if found is None:
             return None
         if found.marker.get("world") != self.world:
@@ -100,7 +104,11 @@ class Trainer:
                                   f"{self.world}; resharding a checkpoint is not supported yet")
         with tempfile.TemporaryDirectory(prefix="mqscale-restore-") as d:
             self.store.download(found, Path(d), rank=self.rank)
-            path, client = self.engine.load_checkpoint(d, tag=TAG, load_lr_scheduler_states=False)
+            try:
+                path, client = self.engine.load_checkpoint(d, tag=TAG, load_lr_scheduler_states=False)
+            except (AssertionError, OSError, KeyError, ValueError, RuntimeError) as e:
+                why = f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} in DeepSpeed's loader"
+                raise CheckpointError(f"{found.url}: DeepSpeed could not load it ({why})") from e
             if path is None or client is None:
                 raise CheckpointError(f"{found.url}: DeepSpeed loaded nothing from it (returned None)")
         self.step, self.tokens = int(client["step"]), int(client["tokens"])
@@ -133,13 +141,21 @@ class Trainer:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _sync_tensorboard(self) -> None:
-        """Event files written locally go to <run>/tb on the storage when that is remote."""
-        if "://" not in self.session.run_url or self.metrics.writer is None:
+        """Event files written locally go to <run>/tb on the storage when that is remote: at every
+        checkpoint, and once more after the writer is closed (final grid and hparams included)."""
+        if self.rank != 0 or "://" not in self.session.run_url:
             return
-        self.metrics.writer.flush()
+        if self.metrics.writer is not None:
+            self.metrics.writer.flush()
         local = Path(self.tb_dir)
         files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
         self.store.upload(local, "tb", files)
+
+    def _close_metrics(self) -> None:
+        self.metrics.close()
+        self._sync_tensorboard()
+        if self._tb_scratch:
+            shutil.rmtree(self.tb_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ the loop
 
@@ -178,7 +194,7 @@ class Trainer:
         if self.restored_from and self.step >= max_steps:
             log.info("rank %d: %s is at step %d already (train.max_steps=%d): nothing to do", self.rank,
                      self.restored_from, self.step, max_steps)
-            self.metrics.close()
+            self._close_metrics()
             return {"step": self.step, "tokens": self.tokens, "nonfinite_skipped": 0}
         it = self.batches()
         window: list[dict] = []
@@ -201,10 +217,12 @@ class Trainer:
                 log.warning("rank %d: non-finite loss or gradient at step %d, skipped (%d in a row)", self.rank,
                             self.step + 1, self.nonfinite_streak)
                 if self.nonfinite_streak > cfg.train.max_nonfinite:
-                    self.save({"step": self.step, "stopped": 1.0})
-                    raise TrainingStopped(f"{self.nonfinite_streak} non-finite losses or gradients in a row at step "
-                                          f"{self.step + 1} "
-                                          f"(train.max_nonfinite={cfg.train.max_nonfinite}); saved a checkpoint and stopped")
+                    why = (f"{self.nonfinite_streak} non-finite losses or gradients in a row at step {self.step + 1} "
+                           f"(train.max_nonfinite={cfg.train.max_nonfinite}); saved a checkpoint and stopped")
+                    # the reason travels with the checkpoint's report: the driver reads it from there
+                    self.save({"step": self.step, "stopped": 1.0, "stopped_reason": why})
+                    self._close_metrics()
+                    raise TrainingStopped(why)
                 continue
             self.nonfinite_streak = 0
             self.tokens += int(parts["sequences"]) * cfg.model.seq_len
@@ -221,12 +239,13 @@ class Trainer:
             if self.step % every == 0 and self.step < max_steps:
                 self.save({"step": self.step, **last})
         self.save({"step": self.step, **last})
-        self.sample_grid()
+        if not (cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0):
+            self.sample_grid()  # (the loop has just drawn this step's grid otherwise)
         self.metrics.hparams({"name": cfg.name, "params": n_params(self.model),
                               "zero_stage": cfg.deepspeed.zero_stage, "world": self.world,
                               "lr": cfg.optim.lr, "batch": cfg.data.batch_size}, {k: v for k, v in last.items()
                                                                                    if k.startswith("loss/")})
-        self.metrics.close()
+        self._close_metrics()
         return {"step": self.step, "tokens": self.tokens, "nonfinite_skipped": self.nonfinite_total, **last}
 
     def _log(self, window: list[dict], lr: float, wait: float, busy: float) -> dict:
@@ -323,10 +342,6 @@ def inject_nan(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
             log.warning("fault injection: non-finite %s at step %d", kind, step)
             return loss * float("nan") if kind == "loss" else _NaNGradient.apply(loss)
     return loss
-
-
-def _local_tb_dir(run_url: str) -> str:
-    return f"{run_url}/tb" if "://" not in run_url else str(Path("runs/tb") / run_url.rstrip("/").rsplit("/", 1)[-1])
 
 
 def train(cfg: Config, session: RunSession) -> dict:
