@@ -44,7 +44,7 @@ def reference_markdown(root: type = Config) -> str:
     return "\n".join(lines)
 
 
-SIZES = ("307m", "607m", "1.4b", "3b", "7b")
+SIZES = ("debug", "307m", "607m", "1.4b", "3b", "7b")
 
 
 def scaling_table() -> str:
@@ -57,10 +57,17 @@ def scaling_table() -> str:
     for size in SIZES:
         cfg = load_config(f"configs/stackformer/{size}.yaml")
         one, eight, many = plan(cfg, 1, 80.0), plan(cfg, 8, 80.0), plan(cfg, 8, 80.0, nodes=8)
-        lines.append(f"| {size} | {one['params'] / 1e6:,.0f}M | {one['train_flops_per_token'] / 1e9:.2f} | "
+        params = one["params"] / 1e6
+        lines.append(f"| {size} | {params:,.{1 if params < 10 else 0}f}M | {one['train_flops_per_token'] / 1e9:.2f} | "
                      f"{one['smallest_fit'] or 'no'} | {eight['smallest_fit'] or 'no'} | "
-                     f"{eight['tokens_per_s']:,.0f} | {24 * eight['days_per_epoch']:.2f} | {24 * many['days_per_epoch']:.3f} |")
+                     f"{eight['tokens_per_s']:,.0f} | {_fixed(24 * eight['days_per_epoch'], 2)} | "
+                     f"{_fixed(24 * many['days_per_epoch'], 3)} |")
     return "\n".join(lines)
+
+
+def _fixed(x: float, digits: int) -> str:
+    """``x`` with ``digits`` decimals, or "< 0.01" where that would print as zero."""
+    return f"{x:.{digits}f}" if x >= 0.5 * 10 ** -digits else f"< {10 ** -digits:.{digits}f}"
 
 
 def tables() -> dict[str, str]:
