@@ -171,6 +171,8 @@ class Trainer:
             keep[0] = True
         codes, pos = batch["codes"][keep].to(self.device), batch["positions"][keep].to(self.device)
         cond = batch["cond"][keep].to(self.device) if "cond" in batch else None
+        if cond is not None:  # classifier-free guidance: a share of rows trains the null condition
+            cond = self.model.drop_condition(cond, self.cfg.train.p_uncond)
         out = self.engine(codes, pos, cond=cond)
         loss = inject_nan(out.loss * weight, self.step + 1, self.rank)
         finite = torch.tensor([float(torch.isfinite(loss).item())], device=self.device)
