@@ -53,6 +53,14 @@ def cpu_peak_tflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
     return best
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return ""
+
+
 def read_scalars(tb_dir: Path, tag: str) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ea = EventAccumulator(str(tb_dir))
@@ -69,11 +77,12 @@ def run(cfg_path: str, tokens: Path, work: Path, workers: int, cpus: float, step
             "checkpoint.resume=never", "data.num_workers=1"]
     if peak:
         args.append(f"logging.peak_tflops={peak}")
+    load_before = os.getloadavg()[0]
     t = time.perf_counter()
     r = subprocess.run(args + extra, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if r.returncode:
-        raise SystemExit(f"training failed with {workers} worker(s):\n{(r.stdout + r.stderr)[-3000:]}")
+        raise SystemExit(f"training failed with {workers} worker(s):\n{(r.stdout + r.stderr)[-20000:]}")
     name = load_config(cfg_path).name
     tb = work / name / "tb"
     tok = read_scalars(tb, "perf/tokens_per_s")[1:]
@@ -84,7 +93,9 @@ def run(cfg_path: str, tokens: Path, work: Path, workers: int, cpus: float, step
             "tokens_per_s_per_worker": round(statistics.median(tok) / workers, 1) if tok else None,
             "mfu": round(statistics.median(mfu), 4) if mfu else None,
             "data_wait_share": round(statistics.median(wait), 4) if wait else None,
-            "peak_tflops_per_worker": peak or None}
+            "peak_tflops_per_worker": peak or None,
+            # a shared machine's other load skews CPU figures badly (threads spin on busy cores)
+            "load_avg_1min_before": round(load_before, 2), "load_avg_1min_after": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -115,7 +126,8 @@ def main() -> None:
     print(json.dumps({"bench": "train", "config": ns.config, "overrides": ns.overrides, "params": param_count(m),
                       "flops_per_token": train_flops_per_token(m), "micro_batch": cfg.data.batch_size,
                       "seq_len": m.seq_len, "zero_stage": cfg.deepspeed.zero_stage,
-                      "precision": cfg.train.precision, "env": environment(), "results": results}, indent=2))
+                      "precision": cfg.train.precision, "env": {**environment(), "cpu_model": cpu_model()},
+                      "date": time.strftime("%Y-%m-%d"), "results": results}, indent=2))
 
 
 if __name__ == "__main__":
