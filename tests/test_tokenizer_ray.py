@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_tools.make_shapes import write_shapes
@@ -40,6 +41,8 @@ def test_two_workers_train_checkpoint_and_resume(tmp_path):
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
     assert "at step 4" in out and "resumed from" in out
+    tok, _ = load_exported(re.search(r"tokenizer checkpoint: (\S+)", second.stdout).group(1), expect="mqvae")
+    assert all(torch.isfinite(v).all() for v in tok.state_dict().values())   # padding steps added no NaN
     ea = EventAccumulator(str(tmp_path / "tb"))
     ea.Reload()
     steps = sorted({e.step for e in ea.Scalars("psnr")})

@@ -205,3 +205,12 @@ def test_a_padding_only_batch_moves_nothing(shapes, tmp_path):
     for k, v in t.loss.discriminator.state_dict().items():
         assert torch.equal(v, disc[k]), k
     assert [s["step"] for s in t.opt_g.state.values()] == opt_steps
+
+
+def test_the_main_job_trains_the_demo_tokenizer_for_the_steps_its_config_names():
+    """configs/mqvae/demo.yaml is what the README's demo-tokenizer numbers were measured with; the
+    main job (which passes train.max_steps itself) must train it for the same number of steps."""
+    from mqscale.train.main_job import DemoData
+    demo = load_tokenizer_config("configs/mqvae/demo.yaml")
+    assert demo.train.max_steps == DemoData.tokenizer_steps == 600
+    assert demo.model.commitment_beta == 0.0 and demo.loss.perceptual_weight == 0.0
