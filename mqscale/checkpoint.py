@@ -1,10 +1,76 @@
-"""python -m mqscale.checkpoint — verify a training checkpoint.
+"""python -m mqscale.checkpoint verify URL [--storage-options JSON] [--json]
 
-Not built yet: issue #8 builds it. Until then it says so in one line and exits non-zero.
+Checks a training checkpoint, or every checkpoint of a run, against its completion marker
+(``mqscale_complete.json``: written last, listing every file's size and sha256): a checkpoint is
+OK only when the marker is there and every file it lists is present, whole and unchanged. Exit
+status 0 when everything checked is OK (for a run: when its newest checkpoint is), 1 otherwise.
+
+This is the check training runs before it loads a checkpoint. The trust boundary: DeepSpeed's
+own checkpoint files are Python pickles that ``load_checkpoint`` opens with
+``torch.load(weights_only=False)``, so loading one runs whatever it holds. Training resumes only
+from checkpoints that verify against their marker: its own run's (what it wrote itself), or one
+you name with ``--resume-from``, which you must trust as you trust code. The marker proves the
+files are whole and unchanged since they were written, not who wrote them. Everything mqscale
+exports or imports (``mqscale.export``, ``mqscale.convert``) is safetensors or is read with
+``torch.load(weights_only=True)``.
 """
-from mqscale.cli import not_built
+from __future__ import annotations
 
-main = not_built("mqscale.checkpoint", 8)
+import argparse
+import json
+import sys
+
+from mqscale.cli import UserError, add_storage_options_arg, guarded
+
+
+def verify_url(url: str, storage_options: dict | None = None) -> list[dict]:
+    """One record per checkpoint checked (a checkpoint URL: itself; a run: all of its, newest first)."""
+    from mqscale.data import fs
+    from mqscale.train.checkpoint import MARKER, CheckpointError, CheckpointStore
+
+    store = CheckpointStore(url, storage_options)
+    if url.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_") or fs.exists(fs.join(url, MARKER),
+                                                                                   storage_options):
+        try:
+            found = store.open_url(url)
+        except CheckpointError as e:
+            return [{"url": url, "ok": False, "why": str(e).split(": ", 1)[-1]}]
+        return [{"url": found.url, "step": found.step, "world": found.marker.get("world"),
+                 "files": len(found.marker["files"]), "ok": True}]
+    records = []
+    for name in store.incomplete():
+        records.append({"url": fs.join(url, name), "ok": False, "why": f"no {MARKER}: incomplete (never resumed)"})
+    for found in store.candidates():
+        why = store.verify(found)
+        records.append({"url": found.url, "step": found.step, "world": found.marker.get("world"),
+                        "files": len(found.marker["files"]), "ok": why is None, **({"why": why} if why else {})})
+    if not records:
+        raise UserError(f"{url}: neither a checkpoint (no {MARKER}) nor a run directory holding checkpoints")
+    return records
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mqscale.checkpoint", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="check a checkpoint or a run's checkpoints against their markers")
+    v.add_argument("url", help="a checkpoint directory or a run directory (local path or any fsspec URL)")
+    v.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    add_storage_options_arg(v)
+    ns = p.parse_args(argv)
+    records = verify_url(ns.url, ns.storage_options)
+    newest = next((r for r in records if "step" in r), records[0])
+    ok = newest["ok"]
+    if ns.json:
+        print(json.dumps({"ok": ok, "checkpoints": records}, indent=1))
+    else:
+        for r in records:
+            what = f"step {r['step']}, {r['files']} files, saved by {r['world']} workers" if "step" in r else ""
+            print(f"{'OK     ' if r['ok'] else 'DAMAGED'} {r['url']}" + (f"  ({what})" if what else "")
+                  + (f": {r['why']}" if not r["ok"] else ""), file=sys.stdout)
+    return 0 if ok else 1
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -23,7 +23,7 @@ def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
             print(f"config error: {e}", file=sys.stderr)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, RuntimeError) as e:
             if not _names_its_input(e):
                 raise
             print(f"error: {e}", file=sys.stderr)
@@ -38,7 +38,8 @@ def _names_its_input(e: BaseException) -> bool:
     """Errors of the data layer and storage that already are one line naming the URL at fault."""
     from mqscale.data.fs import StorageError
     from mqscale.data.manifest import ManifestError
-    return isinstance(e, (ManifestError, StorageError))
+    from mqscale.train.checkpoint import CheckpointError
+    return isinstance(e, (ManifestError, StorageError, CheckpointError))
 
 
 def add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -66,11 +67,3 @@ def storage_options(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return value
-
-
-def not_built(stage: str, issue: int) -> Callable[[list[str] | None], int]:
-    """Entry point for a stage that a later issue builds: one honest line, non-zero exit."""
-    def main(argv: list[str] | None = None) -> int:
-        print(f"{stage}: not built yet (planned in issue #{issue}); nothing was run", file=sys.stderr)
-        return 3
-    return main

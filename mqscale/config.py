@@ -61,6 +61,8 @@ class ModelConfig:
     abs_pos: bool = _f(True, doc="learned absolute sequence-index embedding")
     pos_loss_weight: float = _f(1.0, ge=0.0, doc="lambda in loss = code CE + lambda * position CE")
     activation_checkpointing: bool = _f(False, doc="recompute every block in backward")
+    checkpoint_blocks: list[int] = _f([], doc="recompute only these blocks (code blocks 0.., then "
+                                      "position blocks); overrides activation_checkpointing")
     init_std: float = _f(0.02, gt=0.0, doc="std of the normal init of weights")
 
     @property
@@ -81,6 +83,10 @@ class ModelConfig:
         if self.seq_len > self.n_positions:
             err("model.seq_len", f"{self.seq_len} is over the grid's {self.grid}x{self.grid}="
                 f"{self.n_positions} positions")
+        n_blocks = self.n_code_layer + self.n_pos_layer
+        for i, b in enumerate(self.checkpoint_blocks):
+            if not 0 <= b < n_blocks:
+                err(f"model.checkpoint_blocks[{i}]", f"{b} is not a block index (0..{n_blocks - 1})")
         need = self.prefix_len + self.seq_len - 1
         if self.block_size and need > self.block_size:
             err("model.seq_len", f"prefix {self.prefix_len} + seq_len {self.seq_len} - 1 = {need} "
@@ -196,7 +202,8 @@ class Config:
 
     def check(self, err) -> None:
         if self.train.p_uncond > 0 and self.model.cond == "none":
-            err("train.p_uncond", "needs a conditional model (model.cond is none)")
+            err("train.p_uncond", f"{self.train.p_uncond} needs a conditional model (model.cond is none); "
+                "set train.p_uncond=0")
 
 
 # --------------------------------------------------------------------------- typed conversion
@@ -342,6 +349,8 @@ def _read_yaml(path: Path, origins: dict, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is it a YAML file?") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

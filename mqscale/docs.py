@@ -65,6 +65,19 @@ def scaling_table() -> str:
     return "\n".join(lines)
 
 
+def sizes_table() -> str:
+    """Depth, width, heads, parameters and FLOPs of the six named Stackformer configs."""
+    from mqscale.config import load_config
+    from mqscale.models import param_count, train_flops_per_token
+    lines = ["| config | code + position layers | width | heads | head dim | parameters | train GFLOPs/token |",
+             "|---|---|---|---|---|---|---|"]
+    for size in SIZES:
+        m = load_config(f"configs/stackformer/{size}.yaml").model
+        lines.append(f"| `{size}` | {m.n_code_layer} + {m.n_pos_layer} | {m.n_embd} | {m.n_head} | "
+                     f"{m.n_embd // m.n_head} | {param_count(m):,} | {train_flops_per_token(m) / 1e9:.2f} |")
+    return "\n".join(lines)
+
+
 def _fixed(x: float, digits: int) -> str:
     """``x`` with ``digits`` decimals, or "< 0.01" where that would print as zero."""
     return f"{x:.{digits}f}" if x >= 0.5 * 10 ** -digits else f"< {10 ** -digits:.{digits}f}"
@@ -74,7 +87,7 @@ def tables() -> dict[str, str]:
     from mqscale.tokenizer_config import TokenizerRunConfig
     return {"config-reference": reference_markdown(Config),
             "tokenizer-config-reference": reference_markdown(TokenizerRunConfig),
-            "scaling-plan": scaling_table()}
+            "scaling-plan": scaling_table(), "model-sizes": sizes_table()}
 
 
 def readme_block(text: str, name: str = "config-reference") -> str:

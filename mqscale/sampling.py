@@ -30,6 +30,16 @@ class SamplingParams:
     top_k: int = 0             # 0 means off
     top_p: float = 1.0         # 1.0 means off
 
+    def __post_init__(self):
+        # out-of-range values do not fail loudly later: a negative temperature inverts the
+        # distribution and top_p = 0 would zero every probability (and draw the last id)
+        if not (self.temperature >= 0 and self.temperature < float("inf")):
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus) on [B, V] logits; removed entries are -inf."""

@@ -35,6 +35,8 @@ BAD = [  # (yaml, overrides, expected fragments of the one-line message)
     ("model: [1, 2]\n", [], ["model", "must be a mapping"]),
     ("model:\n  n_embd: 64\n", ["model.n_head=3"], ["command line", "model.n_head", "does not divide"]),
     ("", ["optim.lrr=1e-3"], ["command line", "optim.lrr", "unknown key"]),
+    ("model:\n  checkpoint_blocks: [0, 9]\n", [], ["model.checkpoint_blocks[1]", "not a block index", "0..3"]),
+    ("model:\n  cond: none\ntrain:\n  p_uncond: 0.1\n", [], ["train.p_uncond", "set train.p_uncond=0"]),
 ]
 
 
@@ -64,6 +66,24 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(write(tmp_path, "model:\n  n_embd: [1,\n"))
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_binary_file_is_one_line_not_a_traceback(tmp_path):
+    p = tmp_path / "weights.yaml"
+    p.write_bytes(b"model:\n  n_embd: \xff\xfe\x00\x81\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "not UTF-8" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_checkpoint_blocks_pick_the_recomputed_blocks():
+    from mqscale.models import Stackformer
+    cfg = from_dict({"model": {"checkpoint_blocks": [1, 2]}})
+    model = Stackformer(cfg.model)
+    blocks = list(model.code_transformer.blocks) + list(model.pos_transformer.blocks)
+    assert [b.checkpoint for b in blocks] == [False, True, True, False]
+    every = Stackformer(from_dict({"model": {"activation_checkpointing": True}}).model)
+    assert all(b.checkpoint for b in list(every.code_transformer.blocks) + list(every.pos_transformer.blocks))
 
 
 def test_base_cycle_is_reported(tmp_path):

@@ -108,7 +108,7 @@ def run_cli(*args):
 
 def cli_flags():
     return ["--n-classes", str(N_CLS), "--codebook-size", str(K), "--grid-size", str(G),
-            "--n-head", str(HEADS)]
+            "--n-head", str(HEADS), "--seq-len", "6"]
 
 
 def test_cli_converts_a_plain_lightning_checkpoint(tmp_path):
@@ -121,6 +121,7 @@ def test_cli_converts_a_plain_lightning_checkpoint(tmp_path):
     meta = json.loads((tmp_path / "out" / "config.json").read_text())
     assert meta["format"] == "mqscale-stackformer/1"
     assert meta["config"]["model"]["n_code_layer"] == 3
+    assert meta["config"]["model"]["seq_len"] == 6  # the weights cannot tell L: --seq-len records it
     model, _ = load_exported(tmp_path / "out")
     codes, pos, cls = inputs()
     code_ref, _ = official_logits(ref, codes, pos, cls)
@@ -149,5 +150,5 @@ def test_cli_refuses_pickled_objects_without_trust(tmp_path):
 
 
 def test_cli_missing_file_is_one_line(tmp_path):
-    r = run_cli("official-stackformer", str(tmp_path / "none.ckpt"), str(tmp_path / "o"))
+    r = run_cli("official-stackformer", str(tmp_path / "none.ckpt"), str(tmp_path / "o"), *cli_flags())
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such checkpoint" in r.stderr

@@ -110,6 +110,70 @@ def test_top_k_and_top_p_filters():
     assert torch.allclose(t, logits / 0.5)
 
 
+@pytest.mark.parametrize("params", [SamplingParams(top_k=2), SamplingParams(top_p=0.7),
+                                    SamplingParams(top_p=0.01), SamplingParams(top_k=3, top_p=0.6),
+                                    SamplingParams(temperature=0.5, top_k=3)])
+def test_draw_samples_exactly_the_filtered_distribution(params):
+    """The sampler's draw (top-k/top-p among candidates only) follows softmax(filter_logits)."""
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]])).expand(20000, 4)
+    ids = draw(logits, params, generator=gen(3))
+    want = torch.softmax(filter_logits(logits[:1], params), dim=-1)[0]
+    freq = torch.bincount(ids, minlength=4).float() / ids.numel()
+    assert (freq[want == 0] == 0).all()                    # nothing outside the kept set
+    assert torch.allclose(freq, want, atol=0.015)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=float("nan")),
+                                 dict(top_k=-3), dict(top_k=2.5), dict(top_p=0.0), dict(top_p=1.5)])
+def test_sampling_params_refuse_values_that_would_draw_wrong_ids(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("order", ["code_first", "pos_first"])
+def test_codes_and_positions_take_their_own_settings(order):
+    """Greedy codes with hot positions: every code is the argmax given the sampled prefix, while
+    the positions vary with the seed."""
+    m = tiny(order)
+    c = conds(m, 4)
+    hot = SamplingParams(temperature=2.0)
+    codes, pos = sample(m, c, code=GREEDY, pos=hot, generator=gen(1))
+    out = m(codes, pos, cond=c, compute_loss=False)
+    if order == "code_first":  # code t is predicted before position t: its argmax is exact
+        assert torch.equal(out.code_logits.argmax(-1), codes)
+    _, pos2 = sample(m, c, code=GREEDY, pos=hot, generator=gen(2))
+    assert not torch.equal(pos, pos2)
+    codes_g, pos_g = sample(m, c, code=hot, pos=GREEDY, generator=gen(1))
+    out = m(codes_g, pos_g, cond=c, compute_loss=False)
+    if order == "pos_first":
+        assert torch.equal(out.pos_logits.masked_fill(
+            ~_raster_allowed(pos_g, m.cfg.n_positions), float("-inf")).argmax(-1), pos_g)
+
+
+def _raster_allowed(pos: torch.Tensor, G: int) -> torch.Tensor:
+    """[B, L, G]: the positions the raster rule allowed at each step of these sequences."""
+    B, L = pos.shape
+    prev = torch.cat([torch.full((B, 1), -1), pos[:, :-1]], dim=1)
+    idx = torch.arange(G)
+    t = torch.arange(L)
+    return (idx[None, None] > prev[..., None]) & (idx[None, None] <= (G - L + t)[None, :, None])
+
+
+@pytest.mark.parametrize("order,cond", VARIANTS)
+def test_each_cached_step_feeds_only_the_new_token(order, cond):
+    m = tiny(order, cond)
+    seen = {"first": [], "second": []}
+    hooks = [m.first.register_forward_hook(lambda mod, a, o: seen["first"].append(a[0].shape[1])),
+             m.second.register_forward_hook(lambda mod, a, o: seen["second"].append(a[0].shape[1]))]
+    try:
+        sample(m, conds(m), batch=3, seq_len=10, generator=gen())
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen["first"] == [m.cfg.prefix_len] + [1] * 9     # the prefix once, then one token a step
+    assert seen["second"] == [1] * 10
+
+
 def test_draw_respects_mask_and_greedy():
     logits = torch.tensor([[5.0, 1.0, 0.0], [0.0, 1.0, 5.0]])
     allowed = torch.tensor([[False, True, True], [True, True, False]])

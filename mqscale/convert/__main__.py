@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-head", type=int, default=16)
     s.add_argument("--order", choices=["code_first", "pos_first"], default="code_first",
                    help="pos_first reads the official StackedPositionGPT (Stackformer_r)")
-    s.add_argument("--seq-len", type=int, default=None, help="L to record (default: block size)")
+    s.add_argument("--seq-len", type=int, required=True,
+                   help="L, the kept codes per image of the tokenizer it was trained with (the paper's "
+                        "main setting: 256 of 1024); the weights do not record it")
     s.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary pickled objects in SRC (runs code from the file: trust it first)")
     s.set_defaults(func=official_stackformer)

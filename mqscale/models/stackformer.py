@@ -61,7 +61,7 @@ class Stackformer(nn.Module):
         self.pos_head = Head(C, G)
         self.code_first = cfg.order == "code_first"
         self.reset_parameters()
-        self.set_activation_checkpointing(cfg.activation_checkpointing)
+        self.set_activation_checkpointing(list(cfg.checkpoint_blocks) or cfg.activation_checkpointing)
 
     # ------------------------------------------------------------------ structure
 

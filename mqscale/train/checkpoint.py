@@ -51,6 +51,21 @@ def write_marker(root: Path, files: dict[str, dict], step: int, world: int, extr
     (root / MARKER).write_text(json.dumps(body, indent=1, sort_keys=True))
 
 
+def read_marker(fs_, path: str) -> dict:
+    """A marker's body, or CheckpointError saying what is wrong with it (missing, not JSON, not ours)."""
+    try:
+        body = json.loads(fs_.cat_file(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"no {MARKER}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{MARKER} is not valid JSON") from None
+    ok = (isinstance(body, dict) and isinstance(body.get("step"), int) and isinstance(body.get("files"), dict)
+          and all(isinstance(v, dict) and {"size", "sha256"} <= v.keys() for v in body["files"].values()))
+    if not ok:
+        raise CheckpointError(f"{MARKER} lacks step or the files' sizes and sha256s")
+    return body
+
+
 @dataclass
 class Found:
     url: str
@@ -67,25 +82,40 @@ class CheckpointStore:
         proto = fs.protocol(self.fs)
         return path if proto in ("file", "local") else f"{proto}://{path}"
 
-    def candidates(self) -> list[Found]:
-        """Checkpoints with a marker, newest step first (markers unverified)."""
+    def _entries(self) -> list[tuple[str, str]]:
+        """(name, path) of every ``checkpoint_*`` directory of the run."""
         if not self.fs.exists(self.path):
             return []
         self.fs.invalidate_cache(self.path)
-        found = []
+        out = []
         for entry in self.fs.ls(self.path, detail=True):
             d = entry["name"]
             name = posixpath.basename(d.rstrip("/"))
-            if not name.startswith("checkpoint_") or entry.get("type") != "directory":
-                continue
-            marker = posixpath.join(d, MARKER)
+            if name.startswith("checkpoint_") and entry.get("type") == "directory":
+                out.append((name, d))
+        return sorted(out)
+
+    def candidates(self) -> list[Found]:
+        """Checkpoints with a marker, newest step first (markers unverified)."""
+        found = []
+        for name, d in self._entries():
             try:
-                body = json.loads(self.fs.cat_file(marker))
-            except (FileNotFoundError, ValueError, OSError):
-                log.warning("checkpoint %s has no valid %s: incomplete, skipped", name, MARKER)
+                body = read_marker(self.fs, posixpath.join(d, MARKER))
+            except CheckpointError as e:
+                log.warning("checkpoint %s: %s: incomplete, skipped", name, e)
                 continue
             found.append(Found(self._url(d), int(body["step"]), body))
         return sorted(found, key=lambda f: f.step, reverse=True)
+
+    def incomplete(self) -> list[str]:
+        """Names of the run's checkpoint directories without a readable marker (never resumed)."""
+        bad = []
+        for name, d in self._entries():
+            try:
+                read_marker(self.fs, posixpath.join(d, MARKER))
+            except CheckpointError:
+                bad.append(name)
+        return bad
 
     def verify(self, found: Found) -> str | None:
         """None when every file matches the marker, else why not."""
@@ -118,9 +148,9 @@ class CheckpointStore:
         """A checkpoint named by the user (--resume-from): verified, or one clear error."""
         fs_, root = fs.get_fs(url, self.so)
         try:
-            body = json.loads(fs_.cat_file(posixpath.join(root, MARKER)))
-        except FileNotFoundError:
-            raise CheckpointError(f"{url}: no {MARKER}; not a complete mqscale checkpoint") from None
+            body = read_marker(fs_, posixpath.join(root, MARKER))
+        except CheckpointError as e:
+            raise CheckpointError(f"{url}: {e}; not a complete mqscale checkpoint") from None
         found = Found(url.rstrip("/"), int(body["step"]), body)
         why = self.verify(found)
         if why:
