@@ -19,7 +19,7 @@ from mqscale.cli import add_storage_options_arg, guarded
 from mqscale.data.images import encode_image
 from mqscale.data.manifest import IMAGES_FORMAT
 from mqscale.data.tario import TarWriter
-from mqscale.data.writer import ShardJob, shard_name, write_shard_set
+from mqscale.data.writer import ShardJob, progress_tick, shard_name, write_shard_set
 
 KINDS = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "ellipse", "hexagon", "bar"]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
@@ -95,14 +95,14 @@ def make_image(seed: int, index: int, resolution: int) -> tuple[Image.Image, int
 
 def produce(f, job: ShardJob) -> int:
     seed, resolution, fmt, indices = job.items
-    tar = TarWriter(f)
-    for key, i in zip(job.keys, indices):
-        img, label, caption = make_image(seed, i, resolution)
-        tar.add(f"{key}.{fmt}", encode_image(img, fmt, quality=95))
-        tar.add(f"{key}.cls", str(label).encode())
-        tar.add(f"{key}.txt", caption.encode())
-        tar.add(f"{key}.json", json.dumps({"source": f"shapes:{seed}:{i}"}).encode())
-    tar.close()
+    with TarWriter(f) as tar:
+        for key, i in zip(job.keys, indices):
+            img, label, caption = make_image(seed, i, resolution)
+            tar.add(f"{key}.{fmt}", encode_image(img, fmt, quality=95))
+            tar.add(f"{key}.cls", str(label).encode())
+            tar.add(f"{key}.txt", caption.encode())
+            tar.add(f"{key}.json", json.dumps({"source": f"shapes:{seed}:{i}"}).encode())
+            progress_tick()
     return len(indices)
 
 

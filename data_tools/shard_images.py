@@ -25,7 +25,7 @@ from mqscale.data import fs
 from mqscale.data.images import IMAGE_EXTS, encode_image, load_rgb, resize_center_crop
 from mqscale.data.manifest import IMAGES_FORMAT
 from mqscale.data.tario import TarWriter
-from mqscale.data.writer import ShardJob, shard_name, write_shard_set
+from mqscale.data.writer import ShardJob, progress_tick, shard_name, write_shard_set
 
 IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTS)
 
@@ -106,7 +106,10 @@ def sample_members(key: str, e: Entry, opts: Options) -> list[tuple[str, bytes]]
     if opts.image_format == "keep" and not opts.resolution:
         img_ext, data = ("jpg" if ext == "jpeg" else ext), raw
     else:
-        img = load_rgb(raw)
+        try:
+            img = load_rgb(raw)
+        except (ValueError, OSError, SyntaxError) as err:  # PIL raises all three; bombs are ValueError
+            raise UserError(f"{e.source}: not a decodable image ({type(err).__name__}: {err})") from None
         if opts.resolution:
             img = resize_center_crop(img, opts.resolution)
         img_ext = "jpg" if opts.image_format == "keep" else opts.image_format
@@ -122,11 +125,11 @@ def sample_members(key: str, e: Entry, opts: Options) -> list[tuple[str, bytes]]
 
 def produce(f, job: ShardJob) -> int:
     opts, entries = job.items
-    tar = TarWriter(f)
-    for key, e in zip(job.keys, entries):
-        for name, data in sample_members(key, e, opts):
-            tar.add(name, data)
-    tar.close()
+    with TarWriter(f) as tar:
+        for key, e in zip(job.keys, entries):
+            for name, data in sample_members(key, e, opts):
+                tar.add(name, data)
+            progress_tick()
     return len(entries)
 
 

@@ -1,10 +1,17 @@
 """Bad data never stops or fools the loader: truncation, pickles, invalid tokens, lost shards."""
 from __future__ import annotations
 
+import bz2
+import gzip
+import hashlib
 import io
+import json
+import lzma
 import pickle
+import struct
 import subprocess
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +235,183 @@ def test_token_shard_is_plain_webdataset_and_tar(tmp_path):
     assert [s["__key__"] for s in samples] == ["header", "000000", "000001", "000002"]
     codes = np.load(io.BytesIO(samples[1]["codes.npy"]), allow_pickle=False)
     assert codes.shape == (256, META.seq_len) and codes.dtype == np.int16
+
+
+def test_token_shard_meets_the_size_target(tmp_path):
+    """At most 1.25x the raw payload (2 bytes per code + 2 per position) for L=256, chunks of 256."""
+    meta = TokenMeta(grid=32, codebook_size=16384, seq_len=256, cond="class", n_classes=1000,
+                     tokenizer_sha256="ab" * 32)
+    n = 1024
+    token_set(str(tmp_path), [n], meta=meta, chunk=256)
+    per_sequence = (tmp_path / "tokens-000000.tar").stat().st_size / n
+    assert per_sequence <= 1.25 * 4 * meta.seq_len, per_sequence
+
+
+def _rewrite(shard: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(shard, "w") as tf:
+        for name, data in members:
+            _add(tf, name, data)
+
+
+@pytest.mark.parametrize("order", [["000001", "000000", "000002"], ["000000", "000002"]])
+def test_chunks_out_of_order_or_missing_are_counted_never_lost_silently(tmp_path, order):
+    token_set(str(tmp_path), COUNTS)                      # chunks of 16, 16, 8 rows
+    shard = tmp_path / "tokens-000001.tar"
+    by_key: dict[str, list] = {}
+    for name, data in members_of(shard):
+        by_key.setdefault(name.split(".")[0], []).append((name, data))
+    _rewrite(shard, by_key["header"] + [m for k in order for m in by_key[k]])
+    loader = StreamingLoader(str(tmp_path), cfg())
+    ids = valid_ids(loader)
+    st = loader.stats()
+    kept = 16 if order[0] == "000000" else 0              # the chunks before the first one out of place
+    assert len(ids) == len(set(ids))                      # no row given twice
+    assert sorted(ids) == list(range(40 + kept)) + list(range(80, 120))
+    assert st["corrupt_shards"] == 1 and st["missing_samples"] == 40 - kept
+    assert any("tokens-000001.tar" in e and "out of order or missing" in e for e in loader.events)
+
+
+def test_a_damaged_member_header_mid_shard_is_counted_corrupt(tmp_path):
+    token_set(str(tmp_path), COUNTS)
+    shard = tmp_path / "tokens-000001.tar"
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tf:
+        at = tf.getmember("000001.posbits.npy").offset
+    data[at + 148:at + 156] = b"9999999\0"                # a wrong header checksum: tarfile stops quietly
+    shard.write_bytes(bytes(data))
+    loader = StreamingLoader(str(tmp_path), cfg())
+    ids = valid_ids(loader)
+    st = loader.stats()
+    assert st["corrupt_shards"] == 1 and st["missing_samples"] == 24
+    assert sorted(ids) == list(range(56)) + list(range(80, 120))   # chunk 0 of the shard, nothing after
+    assert any("tokens-000001.tar" in e and "damaged member header" in e for e in loader.events)
+
+
+def test_bytes_after_the_end_of_archive_are_counted_corrupt(tmp_path):
+    token_set(str(tmp_path), [20])
+    shard = tmp_path / "tokens-000000.tar"
+    shard.write_bytes(shard.read_bytes() + b"\x01" * 512 + bytes(1024))   # data after the end, zeros after it
+    loader = StreamingLoader(str(tmp_path), cfg())
+    assert sorted(valid_ids(loader)) == list(range(16))  # the last chunk is held back, then dropped
+    assert loader.stats()["corrupt_shards"] == 1
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress], ids=["gz", "bz2", "xz"])
+def test_compressed_shards_are_read_whole(tmp_path, compress):
+    token_set(str(tmp_path), COUNTS)
+    ext = {gzip.compress: "gz", bz2.compress: "bz2", lzma.compress: "xz"}[compress]
+    for i in range(3):
+        tar = tmp_path / f"tokens-{i:06d}.tar"
+        (tmp_path / f"{tar.name}.{ext}").write_bytes(compress(tar.read_bytes()))
+    loader = StreamingLoader(str(tmp_path / f"tokens-{{000000..000002}}.tar.{ext}"), cfg())
+    assert sorted(valid_ids(loader)) == list(range(120))
+    assert {k: v for k, v in loader.stats().items() if v and k != "samples"} == {}
+
+
+def test_a_truncated_gzip_shard_is_counted_and_the_rest_arrives(tmp_path):
+    token_set(str(tmp_path), [200, 200, 200])
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    for i, info in enumerate(m["shards"]):             # the same set, gzipped, shard 1 cut in half
+        gz = gzip.compress((tmp_path / info["name"]).read_bytes())
+        gz = gz[: len(gz) // 2] if i == 1 else gz
+        info["name"] += ".gz"
+        (tmp_path / info["name"]).write_bytes(gz)
+        info["bytes"], info["sha256"] = len(gz), hashlib.sha256(gz).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    loader = StreamingLoader(str(tmp_path), cfg())
+    ids = sorted(valid_ids(loader))
+    st = loader.stats()
+    assert st["corrupt_shards"] == 1 and 0 < st["missing_samples"] < 200
+    kept = 200 - st["missing_samples"]                  # a prefix of the cut shard, whole chunks of 16
+    assert kept % 16 == 0 and ids == list(range(200 + kept)) + list(range(400, 600))
+
+
+def _png_claiming(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h pixels, with almost no pixel data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
+
+
+def plant_bomb(shard: Path, w: int = 30000, h: int = 30000) -> str:
+    """Replace the shard's first image by a decompression bomb; returns its sample key."""
+    members = members_of(shard)
+    key = next(n for n, _ in members if n.endswith(".png")).split(".")[0]
+    _rewrite(shard, [(n, _png_claiming(w, h) if n == f"{key}.png" else d) for n, d in members])
+    return key
+
+
+def test_a_decompression_bomb_is_undecodable_and_counted(tmp_path):
+    from data_tools.make_shapes import write_shapes
+    write_shapes(str(tmp_path), 30, resolution=16, shard_size=10, progress=False)
+    plant_bomb(tmp_path / "shapes-000001.tar")
+    loader = StreamingLoader(str(tmp_path), cfg(resolution=16))
+    ids = valid_ids(loader)
+    assert sorted(ids) == [i for i in range(30) if i != 10]
+    assert loader.stats()["undecodable"] == 1
+    assert any("over the pixel limit" in e for e in loader.events)
+
+
+@pytest.mark.parametrize("w, h", [(30000, 30000), (10000, 10000)])
+def test_image_size_is_checked_before_decoding(w, h):
+    from mqscale.data.images import load_rgb
+    with pytest.raises(ValueError, match="pixel limit"):
+        load_rgb(_png_claiming(w, h))
+
+
+def _npy_claiming(shape: tuple, dtype=np.int16, payload: bytes = b"\0" * 64) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                               "shape": shape})
+    return buf.getvalue() + payload
+
+
+def test_an_npy_header_claiming_a_huge_shape_is_refused_before_allocating(tmp_path):
+    token_set(str(tmp_path), [32], chunk=16)
+    shard = tmp_path / "tokens-000000.tar"
+    bomb = _npy_claiming((4_000_000_000, 256))
+    _rewrite(shard, [(n, bomb if n == "000000.codes.npy" else d) for n, d in members_of(shard)])
+    loader = StreamingLoader(str(tmp_path), cfg())
+    assert sorted(valid_ids(loader)) == list(range(16, 32))    # chunk 0 refused, chunk 1 kept
+    assert loader.stats()["undecodable"] == 1
+    assert any("000000: undecodable chunk" in e and "header claims shape" in e for e in loader.events)
+
+
+def test_npy_load_checks_the_header_against_the_bytes():
+    from mqscale.data.tokens import npy_load
+    a = np.arange(12, dtype=np.int16).reshape(3, 4)
+    assert np.array_equal(npy_load(npy_bytes(a)), a) and np.array_equal(npy_load(npy_bytes(a.T)), a.T)
+    with pytest.raises(ValueError, match="header claims shape"):
+        npy_load(npy_bytes(a)[:-2])                            # cut short
+    with pytest.raises(ValueError, match="header claims shape"):
+        npy_load(_npy_claiming((-1, 4)))
+    with pytest.raises(ValueError, match="not an integer array"):
+        npy_load(_npy_claiming((2,), dtype=object))
+    with pytest.raises(ValueError, match="not an npy array"):
+        npy_load(b"\x93NUMPY\x01\x00garbage")
+
+
+@pytest.mark.parametrize("url", ["PIPE:touch {d}/pwned", "Pipe:touch {d}/pwned", " pipe:touch {d}/pwned",
+                                 "pi\tpe:touch {d}/pwned", "scp://host/{d}/x.tar", "AIS://b/x.tar",
+                                 "ftps://host/x.tar", "htgs://b/x.tar"])
+def test_command_urls_are_refused_in_any_spelling(tmp_path, url):
+    url = url.format(d=tmp_path)
+    with pytest.raises(ValueError, match="URLs are refused"):
+        fs.check_url(url)
+    with pytest.raises(ValueError, match="refused"):
+        StreamingLoader(url, cfg())
+    fs.register_webdataset_opener()
+    from webdataset.gopen import gopen
+    with pytest.raises(ValueError, match="refused"):
+        gopen(url)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_fsspec_urls_pass_the_check(tmp_path):
+    for url in ("s3://bucket/a.tar", "memory://x/a.tar", str(tmp_path / "a:b.tar"), "file:///tmp/x.tar",
+                "https://host/pipe:x.tar", "shards/pipeline.tar"):
+        assert fs.check_url(url) == url
+    fs.register_webdataset_opener()
+    from webdataset.gopen import gopen_schemes
+    assert gopen_schemes["s3"] is gopen_schemes["http"] is gopen_schemes["sftp"]   # all through fsspec

@@ -170,10 +170,63 @@ def test_verify_reports_corruption_and_sha_mismatch(tmp_path):
     i = data.find(b"\x89PNG", 2000)
     data[i + 20:i + 60] = bytes(40)                        # damage one image in place
     shard.write_bytes(bytes(data))
+    with tarfile.open(shard) as tf:                        # the sample whose image that was
+        key = next(m.name for m in tf.getmembers() if m.offset_data <= i < m.offset_data + m.size).split(".")[0]
     bad = tool("data_tools.verify", str(tmp_path))
     assert bad.returncode == 1
-    assert "sha256" in bad.stdout and "shapes-000001.tar:" in bad.stdout
-    assert bad.stdout.strip().splitlines()[-1].startswith("FAILED")
+    lines = bad.stdout.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("BAD shapes-000001.tar: sha256")]
+    assert [ln for ln in lines if ln.startswith(f"BAD shapes-000001.tar:{key}: ")]   # the sample, named
+    assert lines[-1] == "FAILED: 3 shards, 29 samples decoded, 1 bad samples, 1 sha256 mismatches"
+    js = json.loads(tool("data_tools.verify", str(tmp_path), "--json").stdout)
+    assert js["bad_samples"] == 1 and js["samples"] == 29 and js["sha256_mismatches"] == 1
+
+
+def test_verify_counts_a_decompression_bomb_without_a_traceback(tmp_path):
+    from tests.test_data_robustness import plant_bomb
+    write_shapes(str(tmp_path), 20, resolution=16, shard_size=10, progress=False)
+    key = plant_bomb(tmp_path / "shapes-000001.tar")
+    r = tool("data_tools.verify", str(tmp_path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"BAD shapes-000001.tar:{key}: ValueError: image over the pixel limit" in r.stdout
+    assert r.stdout.strip().splitlines()[-1].startswith("FAILED: 2 shards, 19 samples decoded, 1 bad samples")
+
+
+def test_shard_images_refuses_a_decompression_bomb_in_one_line(tmp_path):
+    from tests.test_data_robustness import _png_claiming
+    images(tmp_path / "src", 3)
+    (tmp_path / "src" / "bomb.png").write_bytes(_png_claiming(30000, 30000))
+    r = tool("data_tools.shard_images", str(tmp_path / "src"), str(tmp_path / "out"), "--resolution", "16",
+             "--no-progress")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path / 'src' / 'bomb.png'}: not a decodable image")
+    assert "pixel limit" in r.stderr and not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_verify_counts_a_damaged_tar_header_as_corrupt(tmp_path):
+    write_shapes(str(tmp_path), 20, resolution=16, shard_size=10, progress=False)
+    shard = tmp_path / "shapes-000000.tar"
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tf:
+        at = tf.getmember("000000005.png").offset
+    data[at + 148:at + 156] = b"9999999\0"                # a wrong header checksum: tarfile stops quietly
+    shard.write_bytes(bytes(data))
+    r = tool("data_tools.verify", str(tmp_path))
+    assert r.returncode == 1
+    assert "BAD shapes-000000.tar: corrupt or truncated after 4 samples" in r.stdout
+
+
+def test_the_progress_bar_moves_per_image(tmp_path):
+    images(tmp_path / "src", 6)
+    env = {**os.environ, "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}   # draw every update
+    for workers in ("1", "2"):
+        r = subprocess.run([sys.executable, "-m", "data_tools.shard_images", str(tmp_path / "src"),
+                            str(tmp_path / f"out{workers}"), "--shard-size", "3", "--workers", workers],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        assert " 6/6 [" in r.stderr and "images/s" in r.stdout
+        if workers == "1":   # in one process every image is one step, not one step per shard
+            assert all(f" {k}/6 [" in r.stderr for k in range(1, 7)), r.stderr
 
 
 def test_inspect_token_shards_shows_usage_and_mask_map(tmp_path):

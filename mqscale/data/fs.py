@@ -5,6 +5,12 @@ injection path for anyone who controls a shard list). Everything here goes throu
 the config's ``storage_options``; ``pipe:`` is refused, and webdataset is taught to use fsspec
 too, so a plain ``webdataset.WebDataset("s3://...")`` works on our shards.
 
+Errors: s3fs retries transient failures itself, and what still fails arrives as whatever the
+stack below raised (botocore's EndpointConnectionError, an aiohttp payload error mid-read, a
+timeout), none of them an OSError. ``open_read`` and every read on the file it returns turn those
+into ``StorageError`` (an OSError whose one-line message names the URL), so a reader has one
+exception to count, skip or fail on.
+
 Atomic commits: on a filesystem, write a hidden temporary name, then rename. On an object store
 (s3, gcs, azure) a PUT or a completed multipart upload is itself atomic: the key appears only
 whole, and an interrupted upload leaves nothing under the final name.
@@ -12,15 +18,21 @@ whole, and an interrupted upload leaves nothing under the final name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import posixpath
 import uuid
 from typing import IO, Any, Iterator
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import url_to_fs
 
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+# Schemes for which webdataset's own opener runs a command (``pipe:`` a shell, the others curl or
+# ais) and that no fsspec filesystem serves: refused everywhere. The fsspec-served ones (http, s3,
+# gs, sftp, hf, ...) are rerouted through fsspec by ``register_webdataset_opener`` instead.
+SHELL_SCHEMES = {"pipe", "scp", "ftps", "ais", "htgs"}
 
 
 class StorageError(OSError):
@@ -28,9 +40,90 @@ class StorageError(OSError):
 
 
 def check_url(url: str) -> str:
-    if url.startswith("pipe:"):
-        raise ValueError(f"{url[:60]!r}: pipe: URLs are refused (they run a shell command)")
+    """Refuse command URLs, with the scheme parsed as webdataset's opener parses it (urlsplit:
+    case-folded, leading blanks and embedded tabs or newlines dropped), so no spelling (``PIPE:``,
+    `` pipe:``, a tab inside ``pipe``) slips past this check and into a shell."""
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        scheme = ""
+    raw = url.lstrip().split(":", 1)[0].lower() if ":" in url else ""
+    for s in (scheme, raw):
+        if s in SHELL_SCHEMES:
+            raise ValueError(f"{url[:60]!r}: {s}: URLs are refused (webdataset would run a command for them)")
     return url
+
+
+@functools.lru_cache(maxsize=1)
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What the object-store stack raises that is not an OSError (botocore, aiohttp, timeouts)."""
+    import asyncio
+    errors: list[type[BaseException]] = [asyncio.TimeoutError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import BotoCoreError, ClientError
+        errors += [BotoCoreError, ClientError]
+    with contextlib.suppress(ImportError):
+        from aiohttp import ClientError as HTTPClientError
+        errors.append(HTTPClientError)
+    with contextlib.suppress(ImportError):
+        from fsspec.exceptions import FSTimeoutError
+        errors.append(FSTimeoutError)
+    return tuple(errors)
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+@contextlib.contextmanager
+def _storage_errors(url: str, what: str) -> Iterator[None]:
+    """Turn a failed storage call into ``StorageError`` naming the URL (FileNotFoundError and
+    StorageError pass unchanged: "not there" is its own answer)."""
+    try:
+        yield
+    except (FileNotFoundError, StorageError):
+        raise
+    except PermissionError as e:
+        raise StorageError(f"{url}: access denied ({_one_line(e)})") from None
+    except OSError as e:
+        raise StorageError(f"{url}: cannot {what} ({_one_line(e)})") from None
+    except _transport_errors() as e:
+        raise StorageError(f"{url}: cannot {what} ({_one_line(e)})") from None
+
+
+class GuardedFile:
+    """A read-only file whose reads raise ``StorageError`` (naming the URL) for any storage
+    failure; other attributes pass through to the filesystem's file."""
+
+    def __init__(self, f: IO[bytes], url: str):
+        self._f, self.url = f, url
+
+    def read(self, n: int = -1) -> bytes:
+        with _storage_errors(self.url, "read"):
+            return self._f.read(n)
+
+    def readinto(self, b) -> int:
+        with _storage_errors(self.url, "read"):
+            return self._f.readinto(b)
+
+    def seek(self, *a) -> int:
+        with _storage_errors(self.url, "seek in"):
+            return self._f.seek(*a)
+
+    def close(self) -> None:
+        # Closing a file opened for reading loses nothing: a failure here (the connection is
+        # gone, which is why a read already failed) must not replace the error being handled.
+        with contextlib.suppress(OSError, *_transport_errors()):
+            self._f.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+    def __enter__(self) -> "GuardedFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def get_fs(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
@@ -47,16 +140,11 @@ def join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def open_read(url: str, storage_options: dict | None = None, **kw) -> IO[bytes]:
-    fs, path = get_fs(url, storage_options)
-    try:
-        return fs.open(path, "rb", **kw)
-    except FileNotFoundError:
-        raise
-    except PermissionError as e:
-        raise StorageError(f"{url}: access denied ({e})") from None
-    except OSError as e:
-        raise StorageError(f"{url}: cannot open ({e})") from None
+def open_read(url: str, storage_options: dict | None = None, **kw) -> GuardedFile:
+    """Open for reading; a storage failure here or in any later read is a ``StorageError``."""
+    with _storage_errors(url, "open"):
+        fs, path = get_fs(url, storage_options)
+        return GuardedFile(fs.open(path, "rb", **kw), url)
 
 
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
@@ -66,7 +154,8 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
 
 def exists(url: str, storage_options: dict | None = None) -> bool:
     fs, path = get_fs(url, storage_options)
-    return fs.exists(path)
+    with _storage_errors(url, "stat"):
+        return fs.exists(path)
 
 
 def makedirs(url: str, storage_options: dict | None = None) -> None:
@@ -113,18 +202,25 @@ def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> N
 
 
 def register_webdataset_opener(storage_options: dict | None = None) -> None:
-    """Make webdataset open every fsspec protocol through fsspec (with these storage options),
-    and refuse pipe: URLs."""
+    """Make webdataset open every scheme it knows through fsspec (with these storage options),
+    and refuse the ones no fsspec filesystem serves (``pipe:``, and the curl/ais command lines).
+    Every entry of webdataset's table is replaced, so no scheme is left to run a subprocess."""
     import importlib
+
+    from fsspec.registry import known_implementations
 
     wds_gopen = importlib.import_module("webdataset.gopen")  # the module; the package re-exports a function
 
     def _fsspec_open(url, mode="rb", bufsize=8192, **kw):
+        if mode == "rb":
+            return open_read(url, storage_options)
         return fsspec.open(check_url(url), mode, **(storage_options or {})).open()
 
     def _refuse(url, *a, **kw):
         check_url(url)
+        raise ValueError(f"{url[:60]!r}: this URL scheme is refused (webdataset would run a command for it)")
 
-    for proto in ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory", "http", "https"):
-        wds_gopen.gopen_schemes[proto] = _fsspec_open
-    wds_gopen.gopen_schemes["pipe"] = _refuse
+    ours = OBJECT_STORES | {"memory", "http", "https"}
+    for proto in (set(wds_gopen.gopen_schemes) | ours | SHELL_SCHEMES) - {"__default__"}:
+        served = proto in ours or (proto in known_implementations and proto not in SHELL_SCHEMES)
+        wds_gopen.gopen_schemes[proto] = _fsspec_open if served else _refuse

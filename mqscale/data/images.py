@@ -7,17 +7,31 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 
 import numpy as np
 from PIL import Image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = {"cls", "txt", "json"}
+# Largest image decoded (PIL's own default bomb limit, ~9459x9459). A header can claim any size
+# in a few bytes; decoding it would allocate w*h*3 bytes, so the size is checked before load().
+MAX_PIXELS = 89_478_485
 
 
 def load_rgb(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
+    """Decode to RGB; ValueError for an image over ``MAX_PIXELS`` (a decompression bomb), which
+    PIL would otherwise raise as DecompressionBombError, an exception no caller expects."""
+    try:
+        with warnings.catch_warnings():  # PIL warns (then decodes) between 1x and 2x its limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise ValueError(f"image claims {w}x{h} pixels, over the pixel limit of {MAX_PIXELS:,}")
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"image over the pixel limit of {MAX_PIXELS:,} ({e})") from None
     return img.convert("RGB")
 
 

@@ -85,13 +85,27 @@ class ShardReader:
         with f:
             gen = self._tokens(f, shard, start, end) if self.spec.kind == "tokens" else \
                 self._images(f, shard, start, end)
+            clipped = False
             try:
                 for first, block in gen:
+                    # Rows are placed by position: a block may only add rows in [done, end).
+                    # Anything else (a block overlapping rows already given) is a corrupt shard,
+                    # clipped so no row is given twice and the plan's row count still holds.
+                    lo, hi = max(first, done), min(first + size(block), end)
+                    if (lo, hi) != (first, first + size(block)):
+                        if not clipped:
+                            self.stats.corrupt_shards += 1
+                            self.stats.warn(f"{shard.url}: rows [{first}, {first + size(block)}) overlap "
+                                            f"rows already read or run past {end}; clipped")
+                        clipped = True
+                        if lo >= hi:
+                            continue
+                        block, first = rows(block, slice(lo - first, hi - first)), lo
                     if first > done:  # rows the shard skipped over (a bad chunk)
                         yield self.holes(first - done)
                     yield block
                     done = first + size(block)
-            except OSError as e:  # a read that failed mid-shard after the filesystem's retries
+            except OSError as e:  # a read that failed mid-shard (a StorageError naming the URL)
                 self._unreadable(shard, e)
         if done < end:
             self.stats.missing_samples += end - done
@@ -99,13 +113,15 @@ class ShardReader:
             yield self.holes(end - done)
 
     def _unreadable(self, shard: Shard, e: Exception) -> None:
+        why = str(e).removeprefix(f"{shard.url}: ") if isinstance(e, fs.StorageError) \
+            else f"{type(e).__name__}: {e}"
         if self.spec.on_shard_error == "fail":
-            raise ShardReadError(f"shard {shard.url}: cannot be read ({type(e).__name__}: {e})") from None
+            raise ShardReadError(f"shard {shard.url}: cannot be read ({why})") from None
         self.stats.unreadable_shards += 1
-        self.stats.warn(f"{shard.url}: unreadable, skipped ({type(e).__name__}: {e})")
+        self.stats.warn(f"{shard.url}: unreadable, skipped ({why})")
 
     def _tokens(self, f, shard: Shard, start: int, end: int) -> Iterator[tuple[int, Block]]:
-        meta, chunk = self.spec.meta, 0
+        meta, chunk, expect = self.spec.meta, 0, 0
         for key, members in iter_samples(f, shard.url, self.stats):
             if key == HEADER_KEY:
                 chunk = self._header_chunk_size(members, shard)
@@ -119,6 +135,12 @@ class ShardReader:
                 self.stats.corrupt_shards += 1
                 self.stats.warn(f"{shard.url}: member {key!r} before a header or not a chunk; shard skipped")
                 return
+            if int(key) != expect:  # a writer numbers chunks 0, 1, 2, ...: a reorder or gap is damage
+                self.stats.corrupt_shards += 1
+                self.stats.warn(f"{shard.url}: chunk {key!r} where chunk {expect:06d} belongs "
+                                "(chunks out of order or missing); rest of shard skipped")
+                return
+            expect += 1
             pos = int(key) * chunk
             if pos >= end:
                 return
@@ -179,7 +201,7 @@ class ShardReader:
                 if d["image"].shape != (r, r, 3):
                     raise ValueError(f"image is {d['image'].shape}, not {r}x{r} RGB")
                 d.update(valid=True, sample_id=shard.offset + i, key=key)
-            except (ValueError, OSError, SyntaxError) as e:  # PIL raises all three
+            except (ValueError, OSError, SyntaxError) as e:  # PIL raises all three (bombs: ValueError)
                 self.stats.undecodable += 1
                 self.stats.note(f"{shard.url}:{key}: undecodable ({type(e).__name__}: {e})")
                 d = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import IO
 
@@ -88,10 +89,24 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def npy_load(data: bytes) -> np.ndarray:
-    arr = np.load(io.BytesIO(data), allow_pickle=False)
-    if arr.dtype.kind not in "iub":
-        raise ValueError(f"npy dtype {arr.dtype} is not an integer array")
-    return arr
+    """An integer array from npy bytes, never unpickled. The header is checked against the bytes
+    that follow it before anything is allocated: a damaged header can claim any shape (say
+    (4e9, 256)), and numpy allocates what it claims first, a MemoryError that kills a worker."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+    except (ValueError, TypeError, SyntaxError) as e:  # read_magic/read_header raise these
+        raise ValueError(f"not an npy array ({e})") from None
+    if dtype.kind not in "iub":
+        raise ValueError(f"npy dtype {dtype} is not an integer array")
+    need, have = math.prod(shape) * dtype.itemsize, len(data) - f.tell()
+    if need != have:
+        raise ValueError(f"npy header claims shape {shape} of {dtype} ({need:,} bytes), "
+                         f"the member holds {have:,}")
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def code_dtype(codebook_size: int) -> np.dtype:

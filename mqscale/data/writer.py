@@ -25,6 +25,7 @@ import concurrent.futures as cf
 import json
 import multiprocessing as mp
 import posixpath
+import queue
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -34,6 +35,47 @@ from mqscale.data.manifest import (Manifest, ManifestError, ShardInfo, manifest_
 from mqscale.data.tario import Progress, ReadStats, iter_samples
 
 PENDING_NAME = ".pending-manifest.json"   # the settings of a run that has not written its manifest
+
+# Progress per item, not per shard: producers call ``progress_tick()`` after each item. In the
+# writing process it advances the bar directly; in a pool worker it posts (job, n) to a queue the
+# parent drains. A producer that never ticks still moves the bar when its shard completes.
+_report: Callable[[int, int], None] | None = None
+_job_index = -1
+
+
+def progress_tick(n: int = 1) -> None:
+    """Report ``n`` more items of the shard being written (for the progress bar's items/s)."""
+    if _report is not None:
+        _report(_job_index, n)
+
+
+def _worker_init(q) -> None:
+    global _report
+    _report = lambda index, n: q.put((index, n))  # noqa: E731
+
+
+class _Ticks:
+    """The bar's per-shard accounting: ticks never exceed a shard's items, late ones are ignored."""
+
+    def __init__(self, bar: Progress, jobs: Sequence[ShardJob]):
+        self.bar, self.left = bar, {j.index: j.samples for j in jobs}
+
+    def advance(self, index: int, n: int) -> None:
+        n = min(n, self.left.get(index, 0))
+        if n > 0:
+            self.left[index] -= n
+            self.bar.update(n)
+
+    def finish(self, job: ShardJob) -> None:
+        self.advance(job.index, job.samples)
+        self.left[job.index] = 0
+
+    def drain(self, q) -> None:
+        while True:
+            try:
+                self.advance(*q.get_nowait())
+            except queue.Empty:
+                return
 
 
 @dataclass
@@ -127,6 +169,8 @@ def _remove(url: str, storage_options: dict | None) -> None:
 
 
 def _run_job(produce: Callable, job: ShardJob, base: str, storage_options: dict | None) -> ShardInfo:
+    global _job_index
+    _job_index = job.index
     url = fs.join(base, job.name)
     with fs.atomic_writer(url, storage_options) as f:
         n = produce(f, job)
@@ -140,7 +184,9 @@ def write_shard_set(base: str, jobs: Sequence[ShardJob], produce: Callable, *, f
                     classes: list[str] | None = None, meta: dict | None = None, workers: int = 1,
                     storage_options: dict | None = None, progress: bool = True,
                     unit: str = "img", created_by: str = "mqscale") -> SetResult:
-    """``produce(stream, job) -> samples written`` must be a picklable top-level function."""
+    """``produce(stream, job) -> samples written`` must be a picklable top-level function; it
+    may call ``progress_tick()`` per item written, so the bar shows items/s as they happen."""
+    global _report
     fs.makedirs(base, storage_options)
     clean_stale_temporaries(base, storage_options)
     want = settings_of(fmt, classes, meta)
@@ -156,6 +202,7 @@ def write_shard_set(base: str, jobs: Sequence[ShardJob], produce: Callable, *, f
     infos: dict[int, ShardInfo] = {}
     todo: list[ShardJob] = []
     bar = Progress(sum(j.samples for j in jobs), f"shards -> {base}", unit, progress)
+    ticks = _Ticks(bar, jobs)
     for job in jobs:
         url = fs.join(base, job.name)
         if not changed and fs.exists(url, storage_options) and holds_exactly(url, job.keys, storage_options):
@@ -163,22 +210,33 @@ def write_shard_set(base: str, jobs: Sequence[ShardJob], produce: Callable, *, f
             old = previous.get(job.name)
             if old is None or old.sha256 == sha:
                 infos[job.index] = ShardInfo(job.name, job.samples, size, sha)
-                bar.update(job.samples)
+                ticks.finish(job)
                 continue
         todo.append(job)
     in_process = workers <= 1 or len(todo) <= 1 or base.startswith("memory://")
     if in_process:
-        for job in todo:
-            infos[job.index] = _run_job(produce, job, base, storage_options)
-            bar.update(job.samples)
+        _report = ticks.advance
+        try:
+            for job in todo:
+                infos[job.index] = _run_job(produce, job, base, storage_options)
+                ticks.finish(job)
+        finally:
+            _report = None
     else:
         ctx = mp.get_context("spawn")  # no fsspec/s3fs state crosses a fork
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        q = ctx.Queue()
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                    initargs=(q,)) as pool:
             futures = {pool.submit(_run_job, produce, job, base, storage_options): job for job in todo}
-            for fut in cf.as_completed(futures):
-                job = futures[fut]
-                infos[job.index] = fut.result()
-                bar.update(job.samples)
+            waiting = set(futures)
+            while waiting:
+                done, waiting = cf.wait(waiting, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+                ticks.drain(q)
+                for fut in done:
+                    job = futures[fut]
+                    infos[job.index] = fut.result()
+                    ticks.finish(job)
+        q.close()
     rate = bar.close()
     manifest = Manifest(format=fmt, shards=[infos[j.index] for j in jobs], classes=classes,
                         meta=meta or {}, created_by=created_by)
