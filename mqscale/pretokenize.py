@@ -9,12 +9,14 @@ repartitioning for no gain here.
 
 Every output shard's header names its input shard and that shard's sha256, the tokenizer's
 checksum and the options; a rerun keeps an existing output shard only if that header matches
-and the archive is whole.
+and the archive is whole. The header also holds the shard's statistics (``stats``: images read,
+skips by reason, code-usage and kept-position counts), so the final summary and the manifest add
+up every shard of the output, whether this run wrote it or kept it from an earlier one. They are
+exact integers computed from the shard's own input, hence as deterministic as the codes.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -31,7 +33,7 @@ from mqscale.data.loader import Source, resolve_source
 from mqscale.data.manifest import (TOKENS_FORMAT, Manifest, ManifestError, ShardInfo, manifest_url,
                                    read_manifest, sha256_url, write_manifest)
 from mqscale.data.tario import ReadStats, iter_samples
-from mqscale.data.tokens import HEADER_KEY, TokenMeta, TokenShardWriter
+from mqscale.data.tokens import HEADER_KEY, TokenMeta, TokenShardWriter, npy_load
 from mqscale.data.writer import clean_stale_temporaries
 from mqscale.text_tokenizer import encode_batch, load_text_tokenizer
 
@@ -53,9 +55,16 @@ class Options:
     storage_options: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        """What makes two runs' shards interchangeable (not where they read or write)."""
+        """What makes two runs' shards interchangeable (not where they read or write).
+
+        ``batch_size`` is in it, always: a shard is encoded in batches of that size (restarting at
+        the shard's start), and the same image in another batch composition can get other codes,
+        certainly in bf16 on GPU and possibly in fp32 (kernels are chosen per batch shape), so
+        shards of two batch sizes are not interchangeable. Resuming a run with another
+        ``--batch-size`` therefore rewrites its shards instead of mixing them: keep it to resume."""
         keep = {k: v for k, v in asdict(self).items() if k in ("cond", "flip", "text_tokenizer", "text_len",
-                                                                 "on_size_mismatch", "chunk_size")}
+                                                                 "on_size_mismatch", "chunk_size",
+                                                                 "batch_size")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -72,10 +81,7 @@ class Job:
 class ShardResult:
     index: int
     info: ShardInfo
-    images: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    code_counts: list[int] | None = None
-    mask_counts: list[int] | None = None
+    stats: dict               # shard_stats(): what its header records
     kept: bool = False
 
 
@@ -105,7 +111,10 @@ def build_meta(opts: Options, src: Source, tok_sha: str, tok_cfg: dict) -> Token
     factor = 2 ** (len(m["ch_mult"]) - 1)
     grid = m["resolution"] // factor
     cond = decide_cond(opts, src)
-    text = load_text_tokenizer(opts.text_tokenizer, opts.storage_options) if cond == "text" else None
+    try:
+        text = load_text_tokenizer(opts.text_tokenizer, opts.storage_options) if cond == "text" else None
+    except ValueError as e:
+        raise UserError(f"--text-tokenizer {e}") from None
     return TokenMeta(grid=grid, codebook_size=m["codebook_size"], seq_len=int(m["mask_ratio"] * grid * grid),
                      cond=cond, n_classes=len(src.classes or []) if cond == "class" else 0,
                      text_len=opts.text_len if cond == "text" else 0,
@@ -176,14 +185,36 @@ def complete_output(url: str, want: dict, meta: TokenMeta, so: dict | None) -> t
                 if key == HEADER_KEY:
                     head = json.loads(members["json"])
                 elif "codes.npy" in members:
-                    rows += int(np.load(io.BytesIO(members["codes.npy"]), allow_pickle=False).shape[0])
+                    rows += int(npy_load(members["codes.npy"]).shape[0])  # header checked before allocating
     except (OSError, ValueError, KeyError):
         return None
     if stats.corrupt_shards or head is None or rows != head.get("n"):
         return None
     if any(head.get(k) != v for k, v in want.items()) or TokenMeta.from_dict(head).agrees_with(meta):
         return None
+    if not _stats_fit(head.get("stats"), meta, rows):
+        return None        # a shard from before headers held stats (or a damaged one): rewritten
     return rows, head
+
+
+def shard_stats(n_in: int, skipped: dict[str, int], codes: np.ndarray, positions: np.ndarray,
+                meta: TokenMeta) -> dict:
+    """A shard's contribution to the summary, as stored in its header: plain ints, sorted keys."""
+    return {"images_in": int(n_in), "skipped": {k: int(v) for k, v in sorted(skipped.items())},
+            "code_counts": np.bincount(codes.ravel().astype(np.int64), minlength=meta.codebook_size).tolist(),
+            "position_counts": np.bincount(positions.ravel().astype(np.int64),
+                                           minlength=meta.n_positions).tolist()}
+
+
+def _stats_fit(stats, meta: TokenMeta, rows: int) -> bool:
+    try:
+        return (isinstance(stats["images_in"], int) and isinstance(stats["skipped"], dict)
+                and all(isinstance(v, int) for v in stats["skipped"].values())
+                and len(stats["code_counts"]) == meta.codebook_size
+                and len(stats["position_counts"]) == meta.n_positions
+                and sum(stats["position_counts"]) == rows * meta.seq_len)
+    except (KeyError, TypeError):
+        return False
 
 
 # ---------------------------------------------------------------------------------- one shard
@@ -208,25 +239,23 @@ class ShardTokenizer:
         done = complete_output(url, want, self.meta, so) if fs.exists(url, so) else None
         if done is not None:
             sha, size = sha256_url(url, so)
-            return ShardResult(job.index, ShardInfo(job.output_name, done[0], size, sha), kept=True)
+            return ShardResult(job.index, ShardInfo(job.output_name, done[0], size, sha), done[1]["stats"], kept=True)
         images, labels, captions, keys, skipped, n_in = self._read(job)
         codes, pos, codes_f, pos_f = self._encode(images)
         text = encode_batch(self.text, captions, self.meta.text_len) if self.text else None
+        stats = shard_stats(n_in, skipped, codes, pos, self.meta)
         with fs.atomic_writer(url, so) as f:
-            w = TokenShardWriter(f, self.meta, job.index, len(images), self.opts.chunk_size, want)
+            w = TokenShardWriter(f, self.meta, job.index, len(images), self.opts.chunk_size, want | {"stats": stats})
             for i in range(len(images)):
                 w.add(codes[i], pos[i], labels[i], None if text is None else text[i], keys[i],
                       None if codes_f is None else codes_f[i], None if pos_f is None else pos_f[i], captions[i])
             w.close()
         sha, size = sha256_url(url, so)
-        cc = np.bincount(codes.ravel(), minlength=self.meta.codebook_size) if len(images) else \
-            np.zeros(self.meta.codebook_size, np.int64)
-        mc = np.bincount(pos.ravel(), minlength=self.meta.n_positions) if len(images) else \
-            np.zeros(self.meta.n_positions, np.int64)
-        return ShardResult(job.index, ShardInfo(job.output_name, len(images), size, sha), n_in, skipped,
-                           cc.tolist(), mc.tolist())
+        return ShardResult(job.index, ShardInfo(job.output_name, len(images), size, sha), stats)
 
     def _read(self, job: Job):
+        """Decoded images and what goes with them; a sample whose image, size, label (class
+        condition) or caption (always carried over) cannot be used is skipped and counted by reason."""
         stats = ReadStats()
         images, labels, captions, keys = [], [], [], []
         skipped: dict[str, int] = {}
@@ -251,13 +280,24 @@ class ShardTokenizer:
                         skip(f"size {img.size[0]}x{img.size[1]} (tokenizer: {self.res})")
                         continue
                     img = resize_center_crop(img, self.res)
-                label = int(members["cls"].decode().strip()) if "cls" in members else -1
+                label = -1
+                if self.meta.cond == "class" and "cls" in members:
+                    try:
+                        label = int(members["cls"].decode("ascii").strip())
+                    except (UnicodeDecodeError, ValueError):
+                        skip("bad class label")
+                        continue
                 if self.meta.cond == "class" and not 0 <= label < self.meta.n_classes:
                     skip("no valid class label")
                     continue
+                try:
+                    caption = members["txt"].decode("utf-8") if "txt" in members else ""
+                except UnicodeDecodeError:
+                    skip("undecodable caption")
+                    continue
                 images.append(np.asarray(img, dtype=np.uint8))
                 labels.append(max(label, 0))
-                captions.append(members["txt"].decode("utf-8") if "txt" in members else "")
+                captions.append(caption)
                 keys.append(key)
         if stats.corrupt_shards:
             skip("corrupt shard tail")
@@ -332,26 +372,35 @@ def run(opts: Options, workers: int = 1, address: str | None = None, progress: b
         bar.update(src.shards[r.index].n)
     bar.close()
     results.sort(key=lambda r: r.index)
+    totals = aggregate(results, meta)
     in_meta = {"input": opts.input, "input_manifest_sha256": _manifest_sha(opts),
                "tokenizer": str(Path(opts.tokenizer)) if "://" not in opts.tokenizer else opts.tokenizer,
                "tokenizer_config": tok_cfg, "options": asdict(opts) | {"storage_options": {}},
-               "options_fingerprint": opts.fingerprint()}
+               "options_fingerprint": opts.fingerprint(), "images_in": totals["images_in"],
+               "skipped": totals["skipped"], "codebook_used": totals["codebook_used"]}
     manifest = Manifest(format=TOKENS_FORMAT, shards=[r.info for r in results], classes=src.classes,
                         meta={**meta.to_dict(), **in_meta}, created_by="mqscale.tokenize")
     url = write_manifest(opts.output, manifest, opts.storage_options)
     fresh = [r for r in results if not r.kept]
-    skipped: dict[str, int] = {}
-    for r in fresh:
-        for k, v in r.skipped.items():
-            skipped[k] = skipped.get(k, 0) + v
-    codes = np.sum([r.code_counts for r in fresh], axis=0) if fresh else np.zeros(meta.codebook_size)
-    masks = np.sum([r.mask_counts for r in fresh], axis=0) if fresh else np.zeros(meta.n_positions)
-    seqs = sum(r.info.n for r in results)
     dt = time.perf_counter() - t0
-    return Summary(url, len(results), len(fresh), len(results) - len(fresh), sum(r.images for r in fresh),
-                   seqs * (2 if meta.flip else 1), skipped, int((codes > 0).sum()), meta.codebook_size,
-                   (masks / max(1, sum(r.info.n for r in fresh))).tolist(),
-                   sum(r.images for r in fresh) / dt if dt > 0 else 0.0)
+    return Summary(url, len(results), len(fresh), len(results) - len(fresh), **totals,
+                   images_per_s=sum(r.stats["images_in"] for r in fresh) / dt if dt > 0 else 0.0)
+
+
+def aggregate(results: list[ShardResult], meta: TokenMeta) -> dict:
+    """The summary's numbers over all shards of the output (each shard's header stats added up)."""
+    skipped: dict[str, int] = {}
+    codes = np.zeros(meta.codebook_size, np.int64)
+    masks = np.zeros(meta.n_positions, np.int64)
+    for r in results:
+        for k, v in r.stats["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+        codes += np.asarray(r.stats["code_counts"], np.int64)
+        masks += np.asarray(r.stats["position_counts"], np.int64)
+    seqs = sum(r.info.n for r in results)
+    return {"images_in": sum(r.stats["images_in"] for r in results), "sequences_out": seqs * (2 if meta.flip else 1),
+            "skipped": dict(sorted(skipped.items())), "codebook_used": int((codes > 0).sum()),
+            "codebook_size": meta.codebook_size, "mask_mean": (masks / max(1, seqs)).tolist()}
 
 
 def _manifest_sha(opts: Options) -> str:

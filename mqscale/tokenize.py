@@ -1,10 +1,29 @@
-"""python -m mqscale.tokenize --tokenizer CKPT --input URL_OR_MANIFEST --output URL [options]
+r"""python -m mqscale.tokenize --tokenizer CKPT --input URL_OR_MANIFEST --output URL [options]
 
 Pre-tokenizes image shards once into token shards (codes + raster-ordered positions + the
 condition) with a frozen MQ-VAE: input shard i becomes output shard i, each committed
 atomically; a rerun keeps shards that are complete and verified, so a killed run is finished by
 running it again, byte-identically. Runs on a local Ray by default (``--workers`` actors, each
 holding the model), on a cluster with ``--address``, or in this process with ``--workers 0``.
+Keep ``--batch-size`` (and the other options) when resuming: shards made under other options are
+rewritten, never mixed. The summary (images in, sequences out, skips by reason, codebook usage,
+mean kept-position map) adds up every shard of the output, also those kept from an earlier run;
+images/s counts only the images encoded in this run.
+
+On a Ray cluster (``--address``) the actors run on other machines, so every node needs:
+  - mqscale importable (installed in the node image, or shipped with the job's runtime env);
+  - the --tokenizer directory at the same absolute path (a shared filesystem; it is read as a
+    local directory, not through fsspec), and --text-tokenizer readable (local path or s3://);
+  - --input and --output reachable: object storage (s3://, with --storage-options or the node's
+    credentials) or a shared filesystem, never a directory local to the driver.
+The simplest way is to submit the run as a Ray job from the repository root, as for training:
+  ray job submit --address http://HEAD:8265 --runtime-env launchers/runtime_env.yaml \
+      --working-dir . -- python -m mqscale.tokenize --address auto --workers N \
+      --tokenizer /shared/tok --input s3://bucket/images --output s3://bucket/tokens
+(the runtime env uploads this checkout, puts it on every worker's path and installs the
+dependencies; a job's driver finds the cluster by itself, so ``--address auto``). Connecting from
+outside with ``--address ray://HEAD:10001`` ships nothing: mqscale must then already be installed on
+every node.
 """
 from __future__ import annotations
 
@@ -24,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output URL for token shards + manifest.json")
     p.add_argument("--workers", type=int, default=1, help="Ray actors (0: run in this process, no Ray)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray); needs --workers >= 1")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per encode batch; part of the run's options: keep it when resuming")
     p.add_argument("--cond", default="auto", choices=["auto", "none", "class", "text"],
                    help="auto: class when the input has a class map or labels, else text when it has captions")
     p.add_argument("--flip", action="store_true", help="also tokenize each image's mirror (training picks one)")
@@ -57,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{s.shards} token shards -> {s.manifest} (written {s.written}, kept {s.kept})")
     print(f"images in: {s.images_in}, sequences out: {s.sequences_out}, skipped: {skipped}; "
           f"{s.images_per_s:.1f} images/s")
-    if s.written:
+    if s.sequences_out:
         g = int(len(s.mask_mean) ** 0.5)
         print(f"codebook usage: {s.codebook_used}/{s.codebook_size} ({100 * s.codebook_used / s.codebook_size:.1f}%)")
         print("mean kept-position map:")

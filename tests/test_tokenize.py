@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -85,6 +86,43 @@ def shard_hashes(d: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("tokens-*.tar"))}
 
 
+def summary_of(stdout: str, out_dir) -> str:
+    """The printed summary minus what may differ between runs of one output: its location, how
+    many shards this run wrote or kept, and the images/s of this run."""
+    text = stdout.replace(str(out_dir), "OUT")
+    text = re.sub(r" \(written \d+, kept \d+\)", "", text)
+    text = re.sub(r"; [\d.]+ images/s", "", text)
+    assert "images in:" in text and "codebook usage:" in text and "mean kept-position map:" in text, stdout
+    return text
+
+
+def png_bytes(size, color=(200, 10, 10)) -> bytes:
+    b = io.BytesIO()
+    Image.new("RGB", size, color).save(b, format="PNG")
+    return b.getvalue()
+
+
+def write_images(base: str, shards: list[list[tuple]], classes=("x", "y")) -> None:
+    """Image shards from (key, image bytes, .cls bytes or None, .txt bytes or None) samples."""
+    from mqscale.data.manifest import IMAGES_FORMAT
+    from mqscale.data.tario import TarWriter
+    from mqscale.data.writer import ShardJob, shard_name, write_shard_set
+
+    def produce(f, job):
+        w = TarWriter(f)
+        for key, img, cls, txt in job.items:
+            w.add(f"{key}.png", img)
+            if cls is not None:
+                w.add(f"{key}.cls", cls)
+            if txt is not None:
+                w.add(f"{key}.txt", txt)
+        w.close()
+        return len(job.keys)
+
+    jobs = [ShardJob(i, shard_name("images", i), [it[0] for it in items], items) for i, items in enumerate(shards)]
+    write_shard_set(base, jobs, produce, fmt=IMAGES_FORMAT, classes=list(classes), progress=False)
+
+
 def test_shards_hold_exactly_what_encode_gives(tok, shapes, tmp_path):
     assert run(tok, shapes, tmp_path / "out") == 0
     m = read_manifest(str(tmp_path / "out"))
@@ -117,11 +155,14 @@ def test_rerun_keeps_every_shard(tok, shapes, tmp_path, capsys):
     assert after == before and (tmp_path / "out" / "manifest.json").read_bytes() == man
 
 
-def test_killed_run_restarts_to_byte_identical_output(tok, tmp_path):
+def test_killed_run_restarts_to_byte_identical_output(tok, tmp_path, capsys):
     src = tmp_path / "many"
     write_shapes(str(src), 600, resolution=32, shard_size=30, progress=False)
     clean = tmp_path / "clean"
+    capsys.readouterr()
     assert run(tok, str(src), clean, "--batch-size", "4") == 0
+    clean_summary = summary_of(capsys.readouterr().out, clean)
+    assert "images in: 600, sequences out: 600, skipped: none" in clean_summary
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "mqscale.tokenize", "--tokenizer", tok, "--input", str(src),
             "--output", str(out), "--workers", "0", "--no-progress", "--batch-size", "4"]
@@ -139,35 +180,79 @@ def test_killed_run_restarts_to_byte_identical_output(tok, tmp_path):
     assert shard_hashes(out) == shard_hashes(clean)
     assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes().replace(
         str(clean).encode(), str(out).encode())
+    # the summary covers the shards kept from the killed run too, so it is the clean run's
+    assert summary_of(r.stdout, out) == clean_summary
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "written 0, kept 20" in r.stdout and summary_of(r.stdout, out) == clean_summary
 
 
 def test_bad_inputs_are_counted_and_sizes_follow_the_flag(tok, tmp_path, capsys):
-    from mqscale.data.writer import ShardJob, shard_name, write_shard_set
-    from mqscale.data.manifest import IMAGES_FORMAT
-    from mqscale.data.tario import TarWriter
-
-    def produce(f, job):
-        w = TarWriter(f)
-        for key, (data, ext) in zip(job.keys, job.items):
-            w.add(f"{key}.{ext}", data)
-            w.add(f"{key}.cls", b"1")
-        w.close()
-        return len(job.keys)
-
-    def png(size):
-        b = io.BytesIO()
-        Image.new("RGB", size, (200, 10, 10)).save(b, format="PNG")
-        return b.getvalue()
-
-    items = [(png((32, 32)), "png"), (b"not an image", "png"), (png((48, 40)), "png"), (png((32, 32)), "png")]
-    write_shard_set(str(tmp_path / "in"), [ShardJob(0, shard_name("images", 0), ["a", "b", "c", "d"], items)],
-                    produce, fmt=IMAGES_FORMAT, classes=["x", "y"], progress=False)
+    ok = png_bytes((32, 32))
+    write_images(str(tmp_path / "in"), [[
+        ("a", ok, b"1", None), ("b", b"not an image", b"1", None), ("c", png_bytes((48, 40)), b"1", None),
+        ("d", ok, b"1", b"a caption"), ("e", ok, b"one", None), ("f", ok, b"\xff\xfe", None),
+        ("g", ok, b"0", b"caf\xe9 \xff not utf-8"), ("h", ok, b"7", None)]])
     assert run(tok, str(tmp_path / "in"), tmp_path / "o1") == 0
     out = capsys.readouterr().out
-    assert "images in: 4, sequences out: 3" in out and "undecodable: 1" in out
+    assert "images in: 8, sequences out: 3, skipped: bad class label: 2, no valid class label: 1, " \
+           "undecodable: 1, undecodable caption: 1;" in out
+    meta = read_manifest(str(tmp_path / "o1")).meta
+    assert meta["images_in"] == 8 and meta["skipped"] == {"bad class label": 2, "no valid class label": 1,
+                                                          "undecodable": 1, "undecodable caption": 1}
+    assert sorted(rows(str(tmp_path / "o1"))) == ["a", "c", "d"]
     assert run(tok, str(tmp_path / "in"), tmp_path / "o2", "--on-size-mismatch", "skip") == 0
     out = capsys.readouterr().out
     assert "sequences out: 2" in out and "size 48x40 (tokenizer: 32): 1" in out
+    # labels are not stored without a class condition, so a bad one costs nothing there; captions
+    # are carried over under every condition, so an undecodable one is always skipped
+    assert run(tok, str(tmp_path / "in"), tmp_path / "o3", "--cond", "none") == 0
+    out = capsys.readouterr().out
+    assert "images in: 8, sequences out: 6, skipped: undecodable: 1, undecodable caption: 1;" in out
+    assert sorted(rows(str(tmp_path / "o3"))) == ["a", "c", "d", "e", "f", "h"]
+
+
+def test_summary_counts_every_shard_of_the_output(tok, tmp_path, capsys):
+    """Skips, codebook usage and the kept-position map come from every shard's header, so a rerun
+    that rewrites one lost shard (or none) prints what the run that wrote them all printed."""
+    colors = [(200, 10, 10), (10, 200, 10), (10, 10, 200), (250, 250, 250)]
+    write_images(str(tmp_path / "in"), [
+        [(f"{s}{i}", png_bytes((32, 32), colors[(s + i) % 4]), b"1", None) for i in range(4)]
+        + [(f"{s}bad{j}", b"not an image", b"1", None) for j in range(s + 1)]
+        + [(f"{s}lbl", png_bytes((32, 32)), b"x", None)]
+        for s in range(3)])
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert run(tok, str(tmp_path / "in"), out) == 0
+    first = capsys.readouterr().out
+    clean = summary_of(first, out)
+    assert "written 3, kept 0" in first
+    assert "images in: 21, sequences out: 12, skipped: bad class label: 3, undecodable: 6\n" in clean
+    manifest = (out / "manifest.json").read_bytes()
+    (out / "tokens-000001.tar").unlink()
+    (out / "manifest.json").unlink()
+    assert run(tok, str(tmp_path / "in"), out) == 0
+    again = capsys.readouterr().out
+    assert "written 1, kept 2" in again and summary_of(again, out) == clean
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert run(tok, str(tmp_path / "in"), out) == 0
+    noop = capsys.readouterr().out
+    assert "written 0, kept 3" in noop and summary_of(noop, out) == clean
+
+
+def test_another_batch_size_rewrites_instead_of_mixing(tok, shapes, tmp_path, capsys):
+    from mqscale.pretokenize import Options
+    a = Options(tokenizer="t", input="i", output="o", batch_size=4)
+    assert a.fingerprint() != Options(tokenizer="t", input="i", output="o", batch_size=8).fingerprint()
+    assert a.fingerprint() == Options(tokenizer="t2", input="i2", output="o2", batch_size=4).fingerprint()
+    out = tmp_path / "out"
+    assert run(tok, shapes, out, "--batch-size", "4") == 0
+    assert run(tok, shapes, out, "--batch-size", "8") == 0
+    assert "written 4, kept 0" in capsys.readouterr().out
+    with tarfile.open(out / "tokens-000000.tar") as tf:
+        head = json.loads(tf.extractfile("header.json").read())
+    assert head["options"] == Options(tokenizer="", input="", output="", batch_size=8).fingerprint()
+    assert run(tok, shapes, out, "--batch-size", "8") == 0
+    assert "written 0, kept 4" in capsys.readouterr().out
 
 
 def test_output_of_another_tokenizer_is_refused(tok, shapes, tmp_path, capsys):
@@ -294,7 +379,7 @@ def test_text_condition_with_byte_ids(tok, shapes, tmp_path):
     assert batch["cond"].shape == (4, 32)
 
 
-def test_captions_carry_over_and_hf_tokenizer_json(tok, shapes, tmp_path):
+def test_captions_carry_over_and_hf_tokenizer_json(tok, shapes, tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
     words = ["[PAD]", "a", "large", "small", "on", "and", "background", "plain", "textured"]
     hf = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[PAD]"))
@@ -303,12 +388,28 @@ def test_captions_carry_over_and_hf_tokenizer_json(tok, shapes, tmp_path):
     assert run(tok, shapes, tmp_path / "out", "--cond", "text", "--text-tokenizer", str(tmp_path / "tok.json"),
                "--text-len", "8") == 0
     m = read_manifest(str(tmp_path / "out"))
-    assert m.meta["text_tokenizer"].startswith("hf-json:") and m.meta["text_vocab_size"] == len(words)
+    # ids are the JSON's shifted by one (0 stays padding): one more id than the JSON's vocabulary
+    assert m.meta["text_tokenizer"].startswith("hf-json-v2:") and m.meta["text_vocab_size"] == len(words) + 1
     with tarfile.open(tmp_path / "out" / "tokens-000000.tar") as tf:
         caps = json.loads(tf.extractfile("000000.captions.json").read())
-    ids = rows(str(tmp_path / "out"))["000000000"][4]
-    assert ids.tolist() == hf.encode(caps[0]).ids[:8] + [0] * max(0, 8 - len(hf.encode(caps[0]).ids))
+    got = rows(str(tmp_path / "out"))
+    ids = got["000000000"][4]
+    hf_ids = hf.encode(caps[0]).ids
+    assert ids.tolist() == [i + 1 for i in hf_ids][:8] + [0] * max(0, 8 - len(hf_ids))
     assert caps[0].startswith("a large ")
+    assert max(int(r[4].max()) for r in got.values()) == len(words)   # "textured", the last id, is in use
+    # every row passes the loader's check against text_vocab_size
+    loader = StreamingLoader(str(tmp_path / "out"), DataConfig(batch_size=10, num_workers=0, shuffle=False))
+    assert sorted(i for b in loader for i in b["sample_id"][b["mask"]].tolist()) == list(range(70))
+    # shards made under the old, unshifted mapping ("hf-json:<sha>") are another tokenizer: refused
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    man["meta"]["text_tokenizer"] = man["meta"]["text_tokenizer"].replace("hf-json-v2:", "hf-json:")
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(man))
+    capsys.readouterr()
+    assert run(tok, shapes, tmp_path / "out", "--cond", "text", "--text-tokenizer", str(tmp_path / "tok.json"),
+               "--text-len", "8") == 2
+    err = capsys.readouterr().err
+    assert "refusing to mix" in err and "text_tokenizer" in err
 
 
 def test_s3_in_and_out(tok, tmp_path, s3):
