@@ -80,6 +80,8 @@ class LossConfig:
     disc_layers: int = _f(3, ge=1)
     disc_channels: int = _f(64, ge=8)
     adaptive_weight: bool = _f(True, doc="VQGAN's gradient-ratio weight for the GAN term")
+    disc_weight_max: float = _f(1.0, gt=0.0, doc="cap on the GAN term's weight, min(adaptive_weight * "
+                                "disc_weight, disc_weight_max) (official MQ-VAE configs: 1.0)")
 
 
 @dataclass

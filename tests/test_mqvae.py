@@ -52,6 +52,18 @@ def test_random_mask_variant():
     assert enc.positions.shape == (2, 64) and (enc.positions.diff(dim=1) > 0).all()
 
 
+@pytest.mark.parametrize("mask_type", ["adaptive", "random"])
+def test_every_parameter_the_optimizer_gets_is_trained(mask_type):
+    """No dead weights: the random mask has no score net, so nothing of one goes to Adam."""
+    m = MQVAE(cfg(f"model.mask_type={mask_type}").model)
+    x = imgs(2)
+    out = m(x)
+    (((out.recon - x) ** 2).mean() + out.commit_loss).backward()
+    idle = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert idle == []
+    assert (m.masker.score_net is None) == (mask_type == "random")
+
+
 def test_score_net_learns_through_the_reconstruction_loss():
     m = MQVAE(cfg().model)
     x = imgs(2)
@@ -176,6 +188,38 @@ def test_ema_codebook_moves_and_dead_codes_restart():
     assert torch.equal(frozen, q.embed)          # no EMA in eval mode
 
 
+def test_padding_rows_never_become_restart_vectors_and_counts_stay_tensors():
+    torch.manual_seed(0)
+    q = EMAQuantizer(codebook_size=16, dim=4, decay=0.9)   # 5 vectors * 0.1 < 1: every code is dead
+    real = torch.randn(5, 4) + 3.0                # fewer real vectors than codes: tiled, with noise
+    junk = torch.full((7, 4), -50.0)
+    out = q(torch.cat([real, junk]), weight=torch.cat([torch.ones(5), torch.zeros(7)]))
+    assert isinstance(out.restarts, torch.Tensor) and out.restarts.ndim == 0
+    restarted = q.cluster_size == 1.0
+    assert out.restarts.item() == restarted.sum().item() == 16
+    near = torch.cdist(q.embed_sum[restarted], real).min(dim=1).values
+    assert near.max() < 0.01                      # a real vector plus at most 0.01 / sqrt(d) noise
+    assert (near > 0).all()                       # ... and the noise is there (5 < 16 vectors)
+
+
+def test_a_padding_only_first_step_leaves_the_fresh_codebook_as_it_was():
+    """Nothing learnt yet (counts 0): the smoothed sizes are 0 and embed_sum / size is NaN; that
+    branch must never reach the codebook."""
+    torch.manual_seed(0)
+    q = EMAQuantizer(codebook_size=8, dim=4)
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    out = q(torch.randn(6, 4), weight=torch.zeros(6))
+    assert out.restarts.item() == 0
+    for k, v in q.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_usage_and_perplexity():
+    q = EMAQuantizer(codebook_size=8, dim=4)
+    used, ppl = q.usage(torch.tensor([[0, 0, 1, 1], [2, 2, 3, 3]]))
+    assert used.item() == pytest.approx(0.5) and ppl.item() == pytest.approx(4.0)
+
+
 def test_straight_through_gradient_and_commitment():
     q = EMAQuantizer(codebook_size=8, dim=4)
     x = torch.randn(10, 4, requires_grad=True)
@@ -227,6 +271,34 @@ def test_bad_inputs_get_clear_errors():
         m.encode(nan)
     with pytest.raises(ValueError, match="positions must lie"):
         m.decode(torch.zeros(1, 64, dtype=torch.long), torch.full((1, 64), 999))
+    with pytest.raises(ValueError, match="positions must lie"):
+        m.decode(torch.zeros(1, 64, dtype=torch.long), torch.arange(64)[None] - 1)
+
+
+def test_decode_refuses_a_repeated_cell_in_a_row():
+    m = MQVAE(cfg().model)
+    codes = torch.zeros(3, 64, dtype=torch.long)
+    pos = torch.arange(64).repeat(3, 1)
+    pos[2, 10] = pos[2, 40]                       # row 2 names cell 40 twice
+    with pytest.raises(ValueError, match=r"repeat a cell within a row \(rows \[2\]\)"):
+        m.decode(codes, pos)
+    with pytest.raises(ValueError, match="must be integer"):
+        m.decode(codes, pos.float())
+    with pytest.raises(ValueError, match="got L = 0"):
+        m.decode(codes[:, :0], pos[:, :0])
+
+
+@pytest.mark.parametrize("length", [1, 10, 64, 200, 256])
+def test_decode_takes_any_number_of_distinct_cells(length):
+    """L need not be cfg.keep (64 here): evaluation at another kept count and samplers with their
+    own seq_len decode too. Every L from 1 to the 256 grid cells gives images."""
+    m = MQVAE(cfg().model)
+    g = torch.Generator().manual_seed(length)
+    pos = torch.stack([torch.randperm(256, generator=g)[:length] for _ in range(2)])
+    codes = torch.randint(0, 256, (2, length), generator=g)
+    out = m.decode(codes, pos)
+    assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()
+    assert torch.allclose(out, m.decode(codes.flip(1), pos.flip(1)), atol=1e-5)   # order-free
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -1,6 +1,8 @@
 """Tokenizer training: losses, LPIPS loading, the loop with checkpoints/resume and TensorBoard."""
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from mqscale.convert.export import load_exported
 from mqscale.models.lpips import LPIPS, load_lpips
 from mqscale.tokenizer_config import LossConfig, load_tokenizer_config
 from mqscale.train.session import LocalSession
-from mqscale.train.tokenizer_trainer import TokenizerTrainer, train_tokenizer
+from mqscale.train.tokenizer_trainer import TokenizerTrainer, host_floats, train_tokenizer
 from mqscale.train.vqgan_loss import VQGANLoss
 
 
@@ -55,24 +57,95 @@ def test_lpips_weights_load_from_files(tmp_path, fmt):
         load_lpips(paths[1], paths[1])
 
 
-def test_generator_loss_terms_and_adaptive_weight():
-    torch.manual_seed(0)
-    loss = VQGANLoss(LossConfig(disc_start=2, disc_channels=16, disc_layers=2), lpips=LPIPS())
+def _gan_case(seed=0, **cfg):
+    torch.manual_seed(seed)
+    loss = VQGANLoss(LossConfig(disc_start=2, disc_channels=16, disc_layers=2, **cfg), lpips=LPIPS())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    last = torch.nn.Parameter(torch.randn(3, 3))
+    last = torch.nn.Parameter(torch.randn(3, 3))                 # stands in for the decoder's last layer
     recon = torch.einsum("bchw,cd->bdhw", x, last)
+    return loss, x, last, recon
+
+
+def _by_hand(loss, x, recon, last):
+    """nll, -mean D(recon), and the adaptive weight, computed without VQGANLoss.generator."""
+    nll = ((recon - x) ** 2).mean() + loss.lpips(x, recon).mean()
+    g = -loss.discriminator(recon).mean()
+    gn = torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
+    gg = torch.autograd.grad(g, last, retain_graph=True)[0].norm()
+    return nll, g, (gn / (gg + 1e-4)).clamp(0.0, 1e4)
+
+
+def test_generator_loss_terms_and_adaptive_weight():
+    loss, x, last, recon = _gan_case()
     commit = torch.tensor(0.1)
     w = torch.ones(2)
     before, logs = loss.generator(x, recon, commit, w, step=0, last_layer=last)
     assert "loss/gan_g" not in logs and "loss/perceptual" in logs
+    nll, g, ratio = _by_hand(loss, x, recon, last)
+    assert torch.allclose(before, nll + commit, rtol=1e-5)
     after, logs = loss.generator(x, recon, commit, w, step=5, last_layer=last)
-    assert "loss/gan_g" in logs and 0 <= logs["loss/adaptive_weight"] <= 1e4
+    assert torch.allclose(logs["loss/adaptive_weight"], ratio, rtol=1e-4)
+    gan_w = torch.clamp(ratio * 0.75, max=1.0)                   # disc_weight, then disc_weight_max
+    assert torch.allclose(logs["loss/gan_weight"], gan_w, rtol=1e-4)
+    assert torch.allclose(after, nll + commit + gan_w * g, rtol=1e-4)
+    assert torch.allclose(logs["loss/gan_g"], g) and torch.allclose(logs["loss/total_g"], after)
+    # the discriminator's hinge loss, by hand
     d, dlogs = loss.discriminator_loss(x, recon, w)
-    assert d.item() > 0 and "disc/logits_real" in dlogs
+    real, fake = loss.discriminator(x).mean(dim=(1, 2, 3)), loss.discriminator(recon.detach()).mean(dim=(1, 2, 3))
+    hinge = 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
+    assert torch.allclose(d, hinge, rtol=1e-5) and torch.allclose(dlogs["disc/logits_real"], real.mean())
     # padding rows weigh nothing
     masked, _ = loss.generator(x, recon, commit, torch.tensor([1.0, 0.0]), step=0, last_layer=last)
     single, _ = loss.generator(x[:1], recon[:1], commit, torch.ones(1), step=0, last_layer=last)
     assert torch.allclose(masked, single, atol=1e-6)
+
+
+@pytest.mark.parametrize("cap", [1.0, 0.3])
+def test_gan_weight_is_capped_at_disc_weight_max(cap):
+    """A nearly flat discriminator (the GAN phase's first steps): its gradient at the last layer is
+    tiny, the ratio huge. The GAN term's weight is min(ratio * disc_weight, disc_weight_max)."""
+    loss, x, last, recon = _gan_case(disc_weight_max=cap)
+    final = loss.discriminator.main[-1]
+    with torch.no_grad():
+        final.weight.mul_(1e-4)
+        final.bias.fill_(0.5)                                    # -mean D(recon) stays near -0.5
+    commit = torch.tensor(0.1)
+    nll, g, ratio = _by_hand(loss, x, recon, last)
+    assert ratio * 0.75 > 10 * cap                               # the case: uncapped, GAN would dominate
+    total, logs = loss.generator(x, recon, commit, torch.ones(2), step=5, last_layer=last)
+    assert torch.allclose(logs["loss/adaptive_weight"], ratio, rtol=1e-4)
+    assert logs["loss/gan_weight"].item() == pytest.approx(cap)
+    assert torch.allclose(total, nll + commit + cap * g, rtol=1e-5)
+    want = torch.autograd.grad(nll + cap * g, last, retain_graph=True)[0]
+    total.backward()                                             # the capped weight is what trains
+    assert torch.allclose(last.grad, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("value,why", [("0", "out of range"), ("-1", "out of range"), ("abc", "must be a number")])
+def test_disc_weight_max_must_be_a_positive_number(value, why):
+    with pytest.raises(ConfigError, match=f"loss.disc_weight_max: .*{why}"):
+        load_tokenizer_config("configs/mqvae/debug.yaml", [f"loss.disc_weight_max={value}"])
+    assert load_tokenizer_config("configs/mqvae/debug.yaml", ["loss.disc_weight_max=2"]).loss.disc_weight_max == 2.0
+
+
+def test_official_default_caps_the_gan_weight_at_one():
+    assert LossConfig().disc_weight_max == 1.0
+    assert load_tokenizer_config("configs/mqvae/f8_r25.yaml").loss.disc_weight_max == 1.0
+
+
+def test_l1_reconstruction_is_used_and_differs_from_l2():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon = x + 0.5 * torch.randn_like(x)
+    got = {}
+    for kind in ("l1", "l2"):
+        loss = VQGANLoss(LossConfig(recon=kind, perceptual_weight=0.0, disc_weight=0.0))
+        total, logs = loss.generator(x, recon, torch.tensor(0.0), torch.ones(2), step=0, last_layer=None)
+        got[kind] = logs["loss/pixel"]
+        assert torch.allclose(total, logs["loss/pixel"])
+    assert torch.allclose(got["l1"], (recon - x).abs().mean())
+    assert torch.allclose(got["l2"], (recon - x).pow(2).mean())
+    assert (got["l1"] - got["l2"]).abs() > 0.05
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +278,67 @@ def test_a_padding_only_batch_moves_nothing(shapes, tmp_path):
     for k, v in t.loss.discriminator.state_dict().items():
         assert torch.equal(v, disc[k]), k
     assert [s["step"] for s in t.opt_g.state.values()] == opt_steps
+
+
+def test_trainer_uses_the_l1_reconstruction_loss_when_configured(shapes, tmp_path):
+    t = TokenizerTrainer(cfg(shapes, tmp_path, "loss.recon=l1", "train.max_steps=1"), LocalSession(str(tmp_path / "l1")))
+    logs = t.train_step(next(iter(t.loader)))
+    x, out = t._last                                            # the step's 8 images and its forward
+    diff = out.recon.detach().float() - x
+    assert torch.allclose(logs["loss/pixel"], diff.abs().mean(), rtol=1e-5)
+    assert not torch.allclose(logs["loss/pixel"], diff.pow(2).mean(), rtol=1e-2)
+
+
+def test_one_bf16_autocast_step_on_cpu_is_finite_and_moves_the_weights(shapes, tmp_path):
+    """f8_r25 trains under bf16 autocast: one step of it (GAN and adaptive weight on) on the CPU."""
+    t = TokenizerTrainer(cfg(shapes, tmp_path, "train.precision=bf16", "train.max_steps=1"),
+                         LocalSession(str(tmp_path / "bf16")))
+    gen = {k: v.detach().clone() for k, v in t.model.named_parameters()}
+    disc = {k: v.detach().clone() for k, v in t.loss.discriminator.named_parameters()}
+    logs = host_floats(t.train_step(next(iter(t.loader))))
+    assert t._last[1].recon.dtype == torch.bfloat16             # autocast was on
+    for k in ("loss/pixel", "loss/nll", "loss/commit", "loss/gan_g", "loss/adaptive_weight", "loss/total_g",
+              "loss/disc", "psnr", "codebook/perplexity"):
+        assert math.isfinite(logs[k]), (k, logs[k])
+    moved = [k for k, v in t.model.named_parameters() if not torch.equal(v, gen[k])]
+    assert len(moved) > 0.9 * len(gen), sorted(set(gen) - set(moved))[:5]
+    assert all(torch.isfinite(v).all() for v in t.model.parameters())
+    assert any(not torch.equal(v, disc[k]) for k, v in t.loss.discriminator.named_parameters())
+
+
+_HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "__format__")
+
+
+def test_a_training_step_reads_no_device_value_back_but_the_host_mask(shapes, tmp_path, monkeypatch):
+    """On a GPU every read of a device value (``.item()``, ``int(t)``, ``if t:``) waits for the
+    device. The step's mqscale code may read only the batch's host-side mask; logs stay tensors
+    until a log step. Recorded here by wrapping those Tensor methods, with restarts and the GAN on."""
+    t = TokenizerTrainer(cfg(shapes, tmp_path, "train.max_steps=1"), LocalSession(str(tmp_path / "sync")))
+    batch = next(iter(t.loader))
+    root = str(Path(__file__).resolve().parents[1] / "mqscale")
+    seen = []
+
+    def wrap(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *a, **k):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(root):
+                seen.append((Path(caller.f_code.co_filename).name, caller.f_code.co_name, name))
+            return original(self, *a, **k)
+        return read
+
+    with monkeypatch.context() as mp:
+        for name in _HOST_READS:
+            mp.setattr(torch.Tensor, name, wrap(name))
+        logs = t.train_step(batch)
+    assert logs["codebook/restarts"] > 0                         # the restart path ran
+    assert {"loss/gan_g", "loss/disc"} <= set(logs)
+    assert {where for where in seen} == {("tokenizer_trainer.py", "valid_images", "__int__")}, seen
+    assert all(isinstance(v, torch.Tensor) for k, v in logs.items() if k != "lr")
+    floats = t._reduce_logs(logs)                               # the log step turns them into floats
+    assert all(type(v) is float for v in floats.values()) and set(floats) == set(logs)
+    assert floats["loss/pixel"] == pytest.approx(logs["loss/pixel"].item())
 
 
 def test_the_main_job_trains_the_demo_tokenizer_for_the_steps_its_config_names():

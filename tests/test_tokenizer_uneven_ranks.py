@@ -67,12 +67,13 @@ def worker(rank: int, store: str) -> None:
         q.sync = DistStatSync()
         # step 1: the first rank (the restart source) holds only padding: the dead codes wait
         r1 = q(junk if rank == 0 else a, weight=zeros if rank == 0 else ones).restarts
-        assert gathered(torch.tensor([r1])) == [torch.tensor([0])] * 2
+        assert isinstance(r1, torch.Tensor)      # a count kept on the device: no sync per step
+        assert [r.item() for r in gathered(r1.view(1))] == [0, 0]
         e1 = gathered(q.embed.clone())
         assert torch.equal(e1[0], e1[1])
         # step 2: rank 0 holds b, rank 1 only padding: restarts come from b, never from padding
         r2 = q(b if rank == 0 else junk, weight=torch.ones(6) if rank == 0 else zeros).restarts
-        assert r2 > 0 and gathered(torch.tensor([r2]))[1].item() == r2
+        assert r2 > 0 and [r.item() for r in gathered(r2.view(1))] == [r2.item()] * 2
         e2 = gathered(q.embed.clone())
         assert torch.equal(e2[0], e2[1])
         restarted = q.embed_sum[(q.cluster_size == 1.0)]

@@ -32,7 +32,9 @@ class AdaptiveMask(nn.Module):
     def __init__(self, dim: int, grid: int, keep: int, codebook_dim: int, random: bool = False):
         super().__init__()
         self.grid, self.keep, self.random = grid, keep, random
-        self.score_net = nn.Sequential(
+        # The random-mask ablation draws its cells without a score net: none is built, so no
+        # dead weights reach the optimizer or the export.
+        self.score_net = None if random else nn.Sequential(
             nn.LayerNorm([dim, grid, grid], elementwise_affine=False),
             nn.Conv2d(dim, dim, 3, padding=1),
             nn.ReLU(),

@@ -45,12 +45,15 @@ def average_gradients(params) -> None:
         g.copy_(s)
 
 
-def all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
-    if world() == 1 or not values:
-        return values
+def all_reduce_mean(values: dict[str, float | torch.Tensor], device) -> dict[str, float]:
+    """Means over ranks as floats. Values may be floats or 0-dim tensors (logs kept on the device):
+    one all-reduce and one read-back for the whole dict."""
+    if not values:
+        return {}
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    t = torch.stack([torch.as_tensor(values[k], device=device).detach().reshape(()).double() for k in keys])
+    if world() > 1:
+        dist.all_reduce(t)
     return {k: v / world() for k, v in zip(keys, t.tolist())}
 
 

@@ -10,6 +10,12 @@ TensorBoard events go to ``logging.tensorboard_dir``, or by default to the run's
 (``<checkpoint.dir>/<name>/tb``) beside its checkpoints, never to the worker's working directory;
 when the run lives in an object store they are written locally and copied there at every
 checkpoint and at the end, as the Stackformer trainer does.
+
+A step reads nothing back from the device: its logs stay 0-dim tensors (loss terms, codebook
+usage, restarts, PSNR) and are turned into floats in one transfer on log and checkpoint steps
+only, so the host can queue the next step while the device runs this one. (With more than one
+rank, the step's valid-image count is still summed over ranks and read back each step: whether
+the optimizers step is a host decision.)
 """
 from __future__ import annotations
 
@@ -44,6 +50,26 @@ def to_images(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [B, H, W, C] -> float [-1, 1] [B, C, H, W], and the valid-row mask."""
     x = batch["images"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, batch["mask"].to(device)
+
+
+def valid_images(batch: dict, device) -> tuple[torch.Tensor, int]:
+    """The batch's valid rows as float [-1, 1] [n, C, H, W], and n. The rows are picked with the
+    host's mask (a boolean index on the device waits for the device); a padding-only batch gives
+    its first row, which the step weighs 0."""
+    mask = batch["mask"].cpu()
+    n = int(mask.sum())
+    rows = mask.nonzero().flatten() if n else torch.zeros(1, dtype=torch.long)
+    x = batch["images"].to(device, non_blocking=True).index_select(0, rows.to(device, non_blocking=True))
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0, n
+
+
+def host_floats(logs: dict) -> dict[str, float]:
+    """Log values as Python floats; the tensors among them come back in one transfer."""
+    keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    got = {}
+    if keys:
+        got = dict(zip(keys, torch.stack([logs[k].detach().reshape(()).double() for k in keys]).tolist()))
+    return {k: got[k] if k in got else float(v) for k, v in logs.items()}
 
 
 @contextmanager
@@ -164,7 +190,7 @@ class TokenizerTrainer:
 
     # ------------------------------------------------------------------ the step
 
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor | float]:
         """One generator (and, from ``disc_start``, discriminator) step on this rank's valid rows.
 
         Every rank makes the same collectives in the same order whatever its batch holds: a rank
@@ -173,10 +199,9 @@ class TokenizerTrainer:
         statistics, nor (after the gradient all-reduce) the weights. Each rank's loss is scaled
         by its share of the step's valid images, so the averaged gradient is the mean over all
         valid images of all ranks. When no rank holds a valid image the optimizers do not step.
+        The logs are 0-dim device tensors (``lr`` a float): ``host_floats`` reads them.
         """
-        x, mask = to_images(batch, self.device)
-        n = int(mask.sum())
-        x = x[mask] if n else x[:1]
+        x, n = valid_images(batch, self.device)
         weight = torch.full((x.shape[0],), 1.0 if n else 0.0, device=self.device)
         mean_n = dist.all_reduce_mean({"n": float(n)}, self.device)["n"] if self.session.world > 1 else float(n)
         self._share = n / mean_n if n else 0.0      # this rank's weight in the mean over ranks
@@ -208,8 +233,8 @@ class TokenizerTrainer:
                 logs.update(d_logs)
         used, ppl = self.model.quantize.usage(out.encoded.codes)
         mse = ((out.recon.detach().float().clamp(-1, 1) - x) ** 2).mean().clamp_min(1e-12)
-        logs.update({"codebook/usage": used, "codebook/perplexity": ppl, "codebook/restarts": float(out.restarts),
-                     "psnr": (10 * torch.log10(4.0 / mse)).item(), "lr": lr})
+        logs.update({"codebook/usage": used, "codebook/perplexity": ppl, "codebook/restarts": out.restarts,
+                     "psnr": 10 * torch.log10(4.0 / mse), "lr": lr})
         self._last = (x[:8].detach(), out)
         return logs
 
@@ -218,7 +243,7 @@ class TokenizerTrainer:
     def fit(self) -> dict:
         cfg, t0, images = self.cfg, time.perf_counter(), 0
         every = cfg.train.checkpoint_every or math.inf
-        logs: dict[str, float] = {}
+        logs: dict = {}
         while self.step < cfg.train.max_steps:
             for batch in self.loader:
                 logs = self.train_step(batch)
@@ -230,7 +255,7 @@ class TokenizerTrainer:
                     self._log_images()
                 done = self.step >= cfg.train.max_steps
                 if done or self.step % every == 0:
-                    self._checkpoint({"step": self.step, **{k: float(v) for k, v in logs.items()}})
+                    self._checkpoint({"step": self.step, **host_floats(logs)})
                 if done:
                     break
         self._log_images()
@@ -239,13 +264,13 @@ class TokenizerTrainer:
             self._sync_tensorboard()
             if self.tb_remote is not None:
                 shutil.rmtree(self.tb_dir, ignore_errors=True)
-        return {"step": self.step, **logs}
+        return {"step": self.step, **host_floats(logs)}
 
-    def _reduce_logs(self, logs: dict[str, float]) -> dict[str, float]:
-        """The step's logs averaged over ranks, each rank weighted by its valid images (a
-        padding-only rank's numbers, computed on a padding row, count for nothing)."""
+    def _reduce_logs(self, logs: dict) -> dict[str, float]:
+        """The step's logs as floats, averaged over ranks, each rank weighted by its valid images
+        (a padding-only rank's numbers, computed on a padding row, count for nothing)."""
         if self.session.world == 1:
-            return logs
+            return host_floats(logs)
         share = self._share if self._any_valid else 1.0   # shares average to 1 over ranks
         return dist.all_reduce_mean({k: v if k == "lr" else v * share for k, v in logs.items()}, self.device)
 
