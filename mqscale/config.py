@@ -181,6 +181,9 @@ class DeepSpeedConfig:
     config_json: str = _f("", doc="an expert's own DeepSpeed JSON; our fields are checked against it")
 
     def check(self, err) -> None:
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            err("deepspeed.offload_optimizer", f"{self.offload_optimizer} needs deepspeed.zero_stage 1, 2 or 3 "
+                "(ZeRO-Offload partitions the optimizer state)")
         if self.offload_param != "none" and self.zero_stage != 3:
             err("deepspeed.offload_param", f"{self.offload_param} needs deepspeed.zero_stage=3, "
                 f"not {self.zero_stage}")

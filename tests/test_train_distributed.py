@@ -80,6 +80,9 @@ def test_zero2_two_workers_learn_log_checkpoint_export_and_continue(demo_data, t
     run = tmp_path / "stackformer-demo"
     found = CheckpointStore(str(run)).candidates()
     assert [f.step for f in found] == [12, 6] and all(f.marker["world"] == 2 for f in found)
+    # tokens seen are the run's, over both ranks (one rank alone sees at most 12 x 8 x L of them)
+    L = load_config("configs/demo.yaml").model.seq_len
+    assert client_state(Path(found[0].url))["tokens"] > 12 * 8 * L
     assert (run / "samples" / "step_000000012.png").is_file()
     ea = events(run / "tb")
     for tag in ("loss/total", "loss/code", "loss/position", "lr", "grad_norm", "perf/tokens_per_s",
@@ -113,14 +116,17 @@ def test_zero2_two_workers_learn_log_checkpoint_export_and_continue(demo_data, t
 
 
 def test_zero3_two_workers_learn(demo_data, tmp_path):
-    r = train(demo_data, tmp_path, "train.max_steps=10", "deepspeed.zero_stage=3", "logging.tokenizer=")
+    r = train(demo_data, tmp_path, "train.max_steps=10", "deepspeed.zero_stage=3", "logging.sample_every=5")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     ls = losses(out)
     assert ls and ls[-1] < ls[0]
     # counted whole although every rank holds only its partition
-    hp = hparams(events(tmp_path / "stackformer-demo" / "tb"))
+    ea = events(tmp_path / "stackformer-demo" / "tb")
+    hp = hparams(ea)
     assert hp["params"] == param_count(load_config("configs/demo.yaml").model) and hp["zero_stage"] == 3
+    # sample grids under ZeRO-3 too: the partitioned weights are gathered for the while
+    assert [e.step for e in ea.Images("samples/class_rows")] == [5, 10]
     e = subprocess.run([sys.executable, "-m", "mqscale.export", str(tmp_path / "stackformer-demo"),
                         str(tmp_path / "exp")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert e.returncode == 0, e.stderr
@@ -303,10 +309,10 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_with_a_checkpoin
 
 # ---------------------------------------------------------------- one rank, in a process of its own
 
-def in_one_rank(case: str, *args) -> None:
-    """Run ``case(*args)`` (a function below) in a fresh process holding a one-rank gloo group:
-    DeepSpeed caches its process groups per process, so each case gets a process of its own."""
-    code = (f"from tests.test_optim import one_rank_group\nfrom tests.test_train_distributed import {case}\n"
+def in_one_rank(case: str, *args, module: str = "tests.test_train_distributed") -> None:
+    """Run ``case(*args)`` (a function of ``module``) in a fresh process holding a one-rank gloo
+    group: DeepSpeed caches its process groups per process, so each case gets a process of its own."""
+    code = (f"from tests.test_optim import one_rank_group\nfrom {module} import {case}\n"
             f"with one_rank_group():\n    {case}(*{args!r})")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -3,7 +3,11 @@
 We set the fields that follow from the run config (batch sizes, accumulation, clipping, ZeRO
 stage and offload, precision). An expert may hand over a DeepSpeed JSON of their own
 (``deepspeed.config_json``): its other fields are kept, and any field we set that it sets
-differently is a ConfigError naming both values, never a silent override.
+differently is a ConfigError naming both values, never a silent override. Two kinds of field are
+different: tuning knobs we only default (``SOFT``: logging cadence, comm overlap, pinned memory,
+the fp16 loss-scale start) take the expert's value; and an ``optimizer`` or ``scheduler`` block
+is refused outright, because the optimizer recipe (AdamW, no decay on biases/norms/embeddings)
+and the lr schedule (the loop sets every step's lr) come from ``optim.*``.
 """
 from __future__ import annotations
 
@@ -68,6 +72,13 @@ def ds_config(cfg: Config, world: int) -> dict:
     return merge_expert(ours, d.config_json)
 
 
+# fields we fill in only as defaults: an expert's JSON may set them to anything
+SOFT = {"steps_per_print", "wall_clock_breakdown", "zero_optimization.overlap_comm",
+        "zero_optimization.contiguous_gradients", "zero_optimization.offload_optimizer.pin_memory",
+        "zero_optimization.offload_param.pin_memory", "zero_optimization.stage3_gather_16bit_weights_on_model_save",
+        "fp16.loss_scale", "fp16.initial_scale_power"}
+
+
 def merge_expert(ours: dict, path: str) -> dict:
     from mqscale.data import fs
     try:
@@ -76,8 +87,15 @@ def merge_expert(ours: dict, path: str) -> dict:
         raise ConfigError(f"deepspeed.config_json: {path} not found") from None
     except ValueError as e:
         raise ConfigError(f"deepspeed.config_json: {path} is not JSON ({e})") from None
+    if not isinstance(theirs, dict):
+        raise ConfigError(f"deepspeed.config_json: {path} must hold a JSON object")
+    for block in ("optimizer", "scheduler"):
+        if block in theirs:
+            raise ConfigError(f"deepspeed.config_json: {path} sets '{block}'; the optimizer and lr schedule come "
+                              f"from the run config's optim section (remove '{block}' and set optim.*)")
     a, b = _flatten(ours), _flatten(theirs)
-    clash = [f"{k}: ours {a[k]!r} vs {b[k]!r}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+    clash = [f"{k}: ours {a[k]!r} vs {b[k]!r}" for k in sorted(a.keys() & b.keys())
+             if a[k] != b[k] and k not in SOFT]
     if clash:
         raise ConfigError(f"deepspeed.config_json: {path} conflicts with the run config on {'; '.join(clash[:3])}")
     return _merge(ours, theirs)

@@ -14,9 +14,11 @@ import torch
 
 log = logging.getLogger("mqscale.train")
 
-# dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                    "L4": 121.0, "A10G": 70.0, "A10": 125.0, "V100": 125.0}
+# dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets; matched
+# against torch.cuda.get_device_name() in this order, so longer names come before their prefixes
+PEAK_BF16_TFLOPS = {"GH200": 989.0, "H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
+                    "H800 PCIe": 756.0, "H800": 989.0, "B200": 2250.0, "A100": 312.0, "A800": 312.0,
+                    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "V100": 125.0}
 
 
 def device_peak_tflops(override: float = 0.0) -> float | None:
@@ -25,7 +27,7 @@ def device_peak_tflops(override: float = 0.0) -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    for key, peak in PEAK_BF16_TFLOPS.items():  # longest names first in the table where they overlap
+    for key, peak in PEAK_BF16_TFLOPS.items():
         if key in name:
             return peak
     return None

@@ -8,6 +8,7 @@ Ray through an fsspec-backed pyarrow filesystem.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -50,7 +51,11 @@ def launch(worker_fn: Callable[[dict], None], config: dict, ray_cfg: RayConfig, 
     started_here = not ray.is_initialized()
     if started_here:
         address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, log_to_driver=True, include_dashboard=False if not address else None)
+        # a local Ray gets room for every worker the config asks for (oversubscribing a small
+        # machine rather than waiting forever for CPUs it does not have)
+        need = math.ceil(ray_cfg.num_workers * ray_cfg.cpus_per_worker)
+        local = {} if address else {"num_cpus": max(os.cpu_count() or 1, need)}
+        ray.init(address=address, log_to_driver=True, include_dashboard=False if not address else None, **local)
     path, filesystem = storage(ckpt_cfg.dir, ckpt_cfg.storage_options)
     resources = {"CPU": ray_cfg.cpus_per_worker, **ray_cfg.resources_per_worker}
     trainer = TorchTrainer(

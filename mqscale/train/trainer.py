@@ -9,6 +9,7 @@ config; resume verifies them (see ``checkpoint.py``) and continues exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -55,6 +56,15 @@ def gather(obj) -> list:
     return out
 
 
+def broadcast(obj):
+    """Rank 0's ``obj`` on every rank (our own ranks' objects: trusted)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def rng_state() -> dict:
     s = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -72,7 +82,9 @@ class Trainer:
         self.loader = StreamingLoader(cfg.data.train_url, cfg.data, self.rank, self.world,
                                       pin_memory=self.device.type == "cuda")
         self.store = CheckpointStore(session.run_url, cfg.checkpoint.storage_options)
-        self.step = self.tokens = self.nonfinite_streak = self.nonfinite_total = 0
+        self.step = self.tokens = self.nonfinite_streak = self.nonfinite_total = self.overflow_total = 0
+        # the one setup in which DeepSpeed applies a non-finite gradient: the loop checks it itself
+        self.unguarded = cfg.train.precision == "fp32" and cfg.deepspeed.zero_stage == 0
         # remote storage: rank 0 writes the events to a scratch directory and syncs it to <run>/tb
         self._tb_scratch = "://" in session.run_url and not cfg.logging.tensorboard_dir and self.rank == 0
         if cfg.logging.tensorboard_dir or "://" not in session.run_url:
@@ -92,11 +104,10 @@ class Trainer:
 
     def _restore(self) -> str | None:
         """The run's own newest verified checkpoint first: a worker restarted after a failure, or a
-        relaunch, continues where this run got to. ``resume_from`` only seeds a run that has none yet."""
-        c = self.cfg.checkpoint
-        found = self.store.latest_valid() if c.resume == "auto" or c.resume_from else None
-        if found is None and c.resume_from:
-            found = self.store.open_url(c.resume_from)
+        relaunch, continues where this run got to. ``resume_from`` only seeds a run that has none yet.
+        Rank 0 alone lists and verifies (one read of every file, not one per rank) and tells the
+        others which checkpoint to load, so all ranks load the same step."""
+        found = self._choose_checkpoint()
         if found is None:
             return None
         if found.marker.get("world") != self.world:
@@ -119,6 +130,23 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"])
         log.info("rank %d resumed from %s at step %d", self.rank, found.url, self.step)
         return found.url
+
+    def _choose_checkpoint(self):
+        c = self.cfg.checkpoint
+        found = failure = None
+        if self.rank == 0:
+            try:
+                found = self.store.latest_valid() if c.resume == "auto" or c.resume_from else None
+                if found is None and c.resume_from:
+                    found = self.store.open_url(c.resume_from)
+            except Exception as e:  # the other ranks must not wait for a choice that never comes
+                failure = e
+        found, why = broadcast((found, None if failure is None else f"{type(failure).__name__}: {failure}"))
+        if failure is not None:
+            raise failure
+        if why is not None:
+            raise CheckpointError(f"rank 0 could not choose a checkpoint to resume from ({why})")
+        return found
 
     def save(self, metrics: dict) -> None:
         staging = Path(tempfile.mkdtemp(prefix="mqscale-ckpt-"))
@@ -175,20 +203,41 @@ class Trainer:
             cond = self.model.drop_condition(cond, self.cfg.train.p_uncond)
         out = self.engine(codes, pos, cond=cond)
         loss = inject_nan(out.loss * weight, self.step + 1, self.rank)
-        finite = torch.tensor([float(torch.isfinite(loss).item())], device=self.device)
+        # one collective for both: ranks whose loss is not finite, and sequences over all ranks
+        flags = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0, float(keep.sum()) * weight],
+                             dtype=torch.float64, device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        ok = bool(finite.item())
+            dist.all_reduce(flags)
+        ok = flags[0].item() == 0
         if ok:
             boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.backward(loss)
-            self.engine.step()
-            # DeepSpeed (bf16 and fp16 alike) skips an update whose gradient norm is not finite
-            if boundary and not self.engine.was_step_applied():
+            if boundary and self.unguarded and not self._grads_finite():
                 ok = False
+                skip_optimizer_step(self.engine)
+            else:
+                self.engine.step()
+            # DeepSpeed skips an update whose gradient norm is not finite (bf16, fp16, and fp32 under
+            # ZeRO 1-3); fp16's loss scaler also skips while it searches its scale, which is no fault
+            if ok and boundary and not self.engine.was_step_applied():
+                if self.cfg.train.precision == "fp16":
+                    self.overflow_total += 1
+                else:
+                    ok = False
         parts = {"loss/total": out.loss.item(), "loss/code": out.code_loss.item(),
-                 "loss/position": out.pos_loss.item(), "sequences": float(keep.sum()) * weight}
+                 "loss/position": out.pos_loss.item(), "sequences": float(keep.sum()) * weight,
+                 "sequences_all": flags[1].item()}
         return loss, parts, ok
+
+    def _grads_finite(self) -> bool:
+        """fp32 under ZeRO-0 runs the torch optimizer with no overflow check: check the (already
+        all-reduced) gradients here, agreeing on all ranks."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(g).all()) for g in grads) else 1.0],
+                           device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(bad)
+        return bad.item() == 0
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -200,7 +249,8 @@ class Trainer:
             return {"step": self.step, "tokens": self.tokens, "nonfinite_skipped": 0}
         it = self.batches()
         window: list[dict] = []
-        wait = busy = 0.0
+        wait = busy = paused = 0.0
+        steps = 0  # optimizer steps in the current logging window
         t_last = time.perf_counter()
         last: dict = {}
         while self.step < max_steps:
@@ -212,7 +262,7 @@ class Trainer:
             wait += time.perf_counter() - t
             before = self.engine.global_steps
             _, parts, ok = self.micro_step(batch)
-            busy = time.perf_counter() - t_last
+            busy = time.perf_counter() - t_last - paused
             if not ok:
                 self.nonfinite_streak += 1
                 self.nonfinite_total += 1
@@ -227,19 +277,22 @@ class Trainer:
                     raise TrainingStopped(why)
                 continue
             self.nonfinite_streak = 0
-            self.tokens += int(parts["sequences"]) * cfg.model.seq_len
+            self.tokens += int(parts["sequences_all"]) * cfg.model.seq_len   # the run's tokens, all ranks
             window.append(parts)
             if self.engine.global_steps == before:  # still accumulating
                 continue
             self.step += 1
+            steps += 1
             fault_point(self.step, self.rank)
             if self.step % cfg.logging.log_every == 0 or self.step == max_steps:
-                last = self._log(window, lr, wait, busy)
-                window, wait, t_last = [], 0.0, time.perf_counter()
+                last = self._log(window, lr, wait, busy, steps)
+                window, wait, paused, steps, t_last = [], 0.0, 0.0, 0, time.perf_counter()
+            t = time.perf_counter()  # sampling and saving stay out of the throughput windows
             if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
                 self.sample_grid()
             if self.step % every == 0 and self.step < max_steps:
                 self.save({"step": self.step, **last})
+            paused += time.perf_counter() - t
         self.save({"step": self.step, **last})
         if not (cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0):
             self.sample_grid()  # (the loop has just drawn this step's grid otherwise)
@@ -250,7 +303,7 @@ class Trainer:
         self._close_metrics()
         return {"step": self.step, "tokens": self.tokens, "nonfinite_skipped": self.nonfinite_total, **last}
 
-    def _log(self, window: list[dict], lr: float, wait: float, busy: float) -> dict:
+    def _log(self, window: list[dict], lr: float, wait: float, busy: float, steps: int) -> dict:
         n = max(1, len(window))
         v = {k: sum(w[k] for w in window) / n for k in ("loss/total", "loss/code", "loss/position")}
         seqs = sum(w["sequences"] for w in window)
@@ -260,8 +313,10 @@ class Trainer:
             stats[1:] /= self.world
         seqs_all, busy_s, wait_s = stats.tolist()
         v.update({"lr": lr, "perf/sequences_per_s": seqs_all / max(busy_s, 1e-9),
-                  "perf/step_time_s": busy_s / n, "perf/data_wait_share": wait_s / max(busy_s, 1e-9),
+                  "perf/step_time_s": busy_s / max(1, steps), "perf/data_wait_share": wait_s / max(busy_s, 1e-9),
                   "memory_gb": memory_gb(), "skipped/nonfinite": float(self.nonfinite_total)})
+        if self.cfg.train.precision == "fp16":
+            v["skipped/fp16_overflow"] = float(self.overflow_total)
         v.update(self.metrics.throughput(v["perf/sequences_per_s"] * self.cfg.model.seq_len))
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
@@ -278,27 +333,52 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self) -> None:
-        """Rank 0 samples fixed classes with fixed seeds and logs the decoded grid. (Not under
-        ZeRO-3, whose partitioned weights would have to be gathered whole: sample the export.)"""
-        if self.rank != 0 or self.tokenizer is None or self.cfg.deepspeed.zero_stage == 3:
+        """Samples of fixed classes with fixed seeds, decoded by rank 0 and logged. Under ZeRO-3
+        every rank takes part: the weights are gathered whole for the while (a full bf16 copy of
+        the model per rank) and all ranks run the same draws, so any collective the partitioned
+        modules make happens on all of them."""
+        if not self.cfg.logging.tokenizer:
+            return
+        zero3 = self.cfg.deepspeed.zero_stage == 3
+        if self.rank != 0 and not zero3:
             return
         from mqscale.sampling import SamplingParams, sample
-        from mqscale.train.tokenizer_visuals import to_png
         m = self.cfg.model
         n_cls = min(m.n_classes, 8) if m.cond == "class" else 1
         cond = torch.arange(n_cls, device=self.device).repeat_interleave(4) if m.cond == "class" else None
         p = SamplingParams(temperature=1.0, top_k=min(100, m.codebook_size))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
+        gathered = contextlib.nullcontext()
+        if zero3:
+            import deepspeed
+            gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+        with gathered, torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                      enabled=self.cfg.train.precision == "bf16"):
             codes, pos = sample(self.model, cond, batch=4 * n_cls, code=p, pos=p,
                                 generator=torch.Generator(self.device).manual_seed(0))
+        if self.rank == 0:
+            self._log_grid(codes, pos, n_cls)
+
+    def _log_grid(self, codes: torch.Tensor, pos: torch.Tensor, n_cls: int) -> None:
+        from mqscale.data import fs
+        from mqscale.train.tokenizer_visuals import to_png
         imgs = self.tokenizer.decode(codes, pos).float()
         r = imgs.shape[-1]
         grid = ((imgs.clamp(-1, 1) + 1) / 2).view(n_cls, 4, 3, r, r).permute(2, 0, 3, 1, 4).reshape(
             3, n_cls * r, 4 * r).cpu()
         self.metrics.image(self.step, "samples/class_rows", grid)
-        from mqscale.data import fs
         fs.write_bytes(fs.join(self.session.run_url, f"samples/step_{self.step:09d}.png"), to_png(grid),
                        self.cfg.checkpoint.storage_options)
+
+
+def skip_optimizer_step(engine) -> None:
+    """``engine.step()`` with the torch optimizer's own step left out: DeepSpeed keeps its counters
+    and clears the gradients, and no weight or moment changes (as its overflow skip does)."""
+    opt = engine.optimizer
+    opt.step = lambda *args, **kwargs: None  # shadows the class's step for this one call
+    try:
+        engine.step()
+    finally:
+        del opt.step
 
 
 def fault_point(step: int, rank: int) -> None:

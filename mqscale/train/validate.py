@@ -1,7 +1,10 @@
 """Checks a Stackformer run before any worker starts: each failure is one ConfigError line."""
 from __future__ import annotations
 
+import posixpath
+
 from mqscale.config import Config, ConfigError
+from mqscale.data import fs
 from mqscale.data.loader import Source, resolve_source
 from mqscale.data.manifest import ManifestError
 
@@ -30,6 +33,13 @@ def validate_run(cfg: Config, world: int) -> Source:
         src = resolve_source(d.train_url, "tokens", d.storage_options)
     except (ManifestError, OSError, ValueError) as e:
         raise ConfigError(f"data.train_url: {e}") from None
+    try:
+        missing = missing_shards(src, d.storage_options)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.train_url: cannot list the shards ({e})") from None
+    if missing:
+        raise ConfigError(f"data.train_url: {len(missing)} of {len(src.shards)} shards the manifest lists are "
+                          f"missing, e.g. {missing[0]}")
     meta = src.meta
     for key, theirs, ours in (("grid", meta.grid, m.grid), ("codebook_size", meta.codebook_size, m.codebook_size),
                               ("cond", meta.cond, m.cond)):
@@ -53,4 +63,57 @@ def validate_run(cfg: Config, world: int) -> Source:
             raise ConfigError(f"logging.tokenizer: {cfg.logging.tokenizer} is not the tokenizer that made the "
                               f"token shards (sha256 {str(tok.get('weights_sha256'))[:12]} vs "
                               f"{meta.tokenizer_sha256[:12]})")
+        check_tokenizer_fits(cfg, tok)
+    if cfg.checkpoint.resume_from:
+        check_resume_from(cfg, world)
     return src
+
+
+def missing_shards(src: Source, storage_options: dict) -> list[str]:
+    """The shard URLs of ``src`` that are not on the storage: one listing per directory, not a
+    request per shard (a manifest may list thousands)."""
+    by_dir: dict[str, list[str]] = {}
+    for s in src.shards:
+        parent, name = s.url.rsplit("/", 1) if "/" in s.url else (".", s.url)
+        by_dir.setdefault(parent, []).append(name)
+    missing = []
+    for parent, names in by_dir.items():
+        fs_, path = fs.get_fs(parent, storage_options)
+        try:
+            present = {posixpath.basename(p.rstrip("/")) for p in fs_.ls(path, detail=False)}
+        except FileNotFoundError:
+            present = set()
+        missing += [f"{parent}/{n}" for n in names if n not in present]
+    return missing
+
+
+def check_tokenizer_fits(cfg: Config, tok: dict) -> None:
+    """The sample-grid tokenizer must decode this model's tokens: an MQ-VAE of the same grid and codebook."""
+    from mqscale.config import from_dict
+    from mqscale.tokenizer_config import TokenizerRunConfig
+    where = f"logging.tokenizer: {cfg.logging.tokenizer}"
+    if tok.get("format") != "mqscale-mqvae/1":
+        raise ConfigError(f"{where} holds a {tok.get('format')!r} model, not an MQ-VAE tokenizer")
+    try:
+        t = from_dict(tok["config"], f"{cfg.logging.tokenizer}/config.json", root=TokenizerRunConfig).model
+    except (KeyError, ConfigError) as e:
+        raise ConfigError(f"{where}: its config does not load ({e})") from None
+    m = cfg.model
+    for key, theirs, ours in (("grid", t.grid, m.grid), ("codebook_size", t.codebook_size, m.codebook_size)):
+        if theirs != ours:
+            raise ConfigError(f"model.{key}: {ours} does not match the tokenizer's {key} {theirs} ({where})")
+
+
+def check_resume_from(cfg: Config, world: int) -> None:
+    """A named checkpoint must at least be one (its marker readable) and be from as many workers;
+    the workers verify every file's sha256 before they load it."""
+    from mqscale.train.checkpoint import MARKER, CheckpointError, read_marker
+    url = cfg.checkpoint.resume_from
+    try:
+        fs_, root = fs.get_fs(url, cfg.checkpoint.storage_options)
+        marker = read_marker(fs_, posixpath.join(root, MARKER))
+    except (CheckpointError, OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint.resume_from: {url}: {e}; not a complete mqscale checkpoint") from None
+    if marker.get("world") != world:
+        raise ConfigError(f"checkpoint.resume_from: {url} was saved by {marker.get('world')} workers, this run "
+                          f"has {world}")
