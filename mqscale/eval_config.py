@@ -28,12 +28,13 @@ class EvalSection:
 
 @dataclass
 class EvalLoggingConfig:
-    tensorboard_dir: str = _f("runs/eval", doc="TensorBoard root; each evaluation writes <dir>/<name>")
+    tensorboard_dir: str = _f("runs/eval", doc="TensorBoard root; each evaluation writes "
+                              "<dir>/<name>-<job>-<time> (or --run-name)")
 
 
 @dataclass
 class EvalRunConfig:
-    name: str = _f("eval", doc="evaluation name (TensorBoard run)")
+    name: str = _f("eval", doc="evaluation name: runs are <name>-<job>-<YYYYmmdd-HHMMSS> unless --run-name")
     eval: EvalSection = field(default_factory=EvalSection)
     logging: EvalLoggingConfig = field(default_factory=EvalLoggingConfig)
 

@@ -14,15 +14,19 @@ Three jobs, by the arguments given:
   tokenizer (its mask keeps r*G cells at inference) or one per ratio: ``0.1=DIR,0.25=DIR``; the
   timed Stackformer has ``--model``'s architecture, or ``--speed-config``'s.
 
-Results go to ``<out>/results.json`` (default ``runs/eval/<name>``; any fsspec URL) and to
-TensorBoard as hparams plus metrics under ``<logging.tensorboard_dir>/<name>``, so runs compare
-side by side.
+Every run has its own name, ``<name>-<job>-<YYYYmmdd-HHMMSS>`` unless ``--run-name`` sets one,
+so runs never overwrite each other. Results go to ``<out>/results.json`` (default
+``runs/eval/<run>``; any fsspec URL) and to TensorBoard as hparams plus metrics under
+``<logging.tensorboard_dir>/<run>``: point TensorBoard at the root to compare runs side by side.
+A sweep writes one hparams session per mask ratio (``<run>/mask_ratio=R``) and its metrics as
+scalars over L, so the HParams table and the scalar plots show the trade-off.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import re
 import time
 
 import torch
@@ -46,16 +50,35 @@ def parse_tokenizers(text: str) -> dict[float | None, str]:
     return out
 
 
+_RUN_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9._=-]+")
+
+
 class Evaluation:
     """What every job shares: the config, the device, the weights it loads once, the outputs."""
 
-    def __init__(self, cfg: EvalRunConfig, ns: argparse.Namespace):
-        self.cfg, self.ns = cfg, ns
+    def __init__(self, cfg: EvalRunConfig, ns: argparse.Namespace, job: str):
+        self.cfg, self.ns, self.job = cfg, ns, job
         self.so = cfg.eval.storage_options
         self.device = torch.device(ns.device) if ns.device else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-        self.out = ns.out or f"runs/eval/{cfg.name}"
+        if ns.run_name and not _RUN_NAME.fullmatch(ns.run_name):
+            raise UserError(f"--run-name {ns.run_name!r}: use letters, digits and . _ = - only (one directory name)")
+        self.run = ns.run_name or self._fresh_run_name()
+        self.out = ns.out or f"runs/eval/{self.run}"
+        self.tb = f"{cfg.logging.tensorboard_dir.rstrip('/')}/{self.run}"
         self._inception = None
+
+    def _fresh_run_name(self) -> str:
+        """``<name>-<job>-<time>``, with a counter where a run of the same second exists."""
+        from mqscale.data import fs
+        base = f"{self.cfg.name}-{self.job}-{time.strftime('%Y%m%d-%H%M%S')}"
+        root = self.cfg.logging.tensorboard_dir.rstrip("/")
+        for i in range(1, 1000):
+            name = base if i == 1 else f"{base}-{i}"
+            if not (fs.exists(f"{root}/{name}", self.so) or
+                    (not self.ns.out and fs.exists(f"runs/eval/{name}", self.so))):
+                return name
+        raise UserError(f"{root}: 999 runs named {base}-*; give --run-name")
 
     def inception(self, required: bool):
         """(model, sha256), or None when not required and no weights are configured."""
@@ -89,25 +112,40 @@ class Evaluation:
         fs.write_bytes(url, data, self.so)
         return url
 
-    def report(self, job: str, metrics: dict, hparams: dict, extra: dict | None = None) -> str:
-        """results.json and TensorBoard; returns the JSON's URL."""
+    def report(self, job: str, metrics: dict, hparams: dict, extra: dict | None = None,
+               sessions: list[tuple[str, dict, dict]] = (), curves: list[tuple[int, dict]] = ()) -> str:
+        """results.json and TensorBoard; returns the JSON's URL. ``metrics`` with ``hparams`` are
+        the run's own hparams session; each of ``sessions`` (sub-run name, hparams, metrics) is
+        one more, in ``<run>/<sub-run>``; ``curves`` (step, metrics) are scalars of the run."""
         from torch.utils.tensorboard import SummaryWriter
-        record = {"job": job, "name": self.cfg.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "hparams": hparams, "metrics": metrics, "config": redacted(to_dict(self.cfg)), **(extra or {})}
+        record = {"job": job, "name": self.cfg.name, "run": self.run, "tensorboard": self.tb,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hparams": hparams, "metrics": metrics,
+                  "config": redacted(to_dict(self.cfg)), **(extra or {})}
         url = self.write("results.json", (json.dumps(record, indent=1) + "\n").encode())
-        tb = f"{self.cfg.logging.tensorboard_dir.rstrip('/')}/{self.cfg.name}"
-        with SummaryWriter(tb) as w:
-            hp = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            w.add_hparams(hp, {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-                          run_name=".")
-        print(f"results: {url}; TensorBoard: tensorboard --logdir {tb}")
+        with SummaryWriter(self.tb) as w:
+            if metrics or not sessions:
+                w.add_hparams(_hparams(hparams), _metrics(metrics), run_name=".")
+            for sub, hp, m in sessions:
+                w.add_hparams(_hparams(hp), _metrics(m), run_name=sub)
+            for step, m in curves:
+                for k, v in _metrics(m).items():
+                    w.add_scalar(k, v, global_step=step)
+        print(f"results: {url}; TensorBoard: tensorboard --logdir {self.tb}")
         return url
+
+
+def _hparams(hp: dict) -> dict:
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hp.items()}
+
+
+def _metrics(m: dict) -> dict[str, float]:
+    return {f"eval/{k}": float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def run_generator(ev: Evaluation, settings) -> dict:
     from mqscale.evaluation.generation import evaluate_generator, reference_stats
-    from mqscale.generate import ImageGenerator
-    from mqscale.text_tokenizer import encode_batch, load_text_tokenizer
+    from mqscale.generate import ImageGenerator, text_tokenizer_for
+    from mqscale.text_tokenizer import encode_batch
 
     e, ns = ev.cfg.eval, ev.ns
     inception, sha = ev.inception(required=True)
@@ -118,7 +156,7 @@ def run_generator(ev: Evaluation, settings) -> dict:
         if not ns.prompts:
             raise UserError("a text-conditional model needs --prompts FILE (one caption per line)")
         from mqscale.sample import read_prompts
-        tok = load_text_tokenizer(ns.text_tokenizer, ev.so)
+        tok = text_tokenizer_for(gen, ns.text_tokenizer, ev.so)
         prompts = torch.from_numpy(encode_batch(tok, read_prompts(ns.prompts, ev.so), gen.run_cfg.model.text_len)).long()
     ref = reference_stats(ns.data, inception, sha, gen.tok_cfg.model.resolution, e.num_reference, e.batch_size, ev.so)
     m = evaluate_generator(gen, settings, inception, ref, e.num_samples, e.is_splits, prompts)
@@ -195,8 +233,13 @@ def run_sweep(ev: Evaluation) -> list[dict]:
              f"; Stackformer {arch.n_code_layer}+{arch.n_pos_layer} layers x {arch.n_embd}")
     plot = ev.write("sweep.png", plot_png(rows, title))
     print(table + f"plot: {plot}")
-    ev.report("sweep", {}, {"job": "sweep", "tokenizer": ns.tokenizer, "ratios": ",".join(map(str, ratios))},
-              {"rows": rows})
+    shared = {"job": "sweep", "tokenizer": ns.tokenizer, "ratios": ",".join(map(str, ratios)),
+              "per_ratio_tokenizers": None not in toks}
+    ev.report("sweep", {}, shared, {"rows": rows},
+              sessions=[(f"mask_ratio={r['mask_ratio']:g}", {**shared, "mask_ratio": r["mask_ratio"],
+                                                             "seq_len": int(r["seq_len"])},
+                         {k: v for k, v in r.items() if k not in ("mask_ratio", "seq_len")}) for r in rows],
+              curves=[(int(r["seq_len"]), {k: v for k, v in r.items() if k != "seq_len"}) for r in rows])
     return rows
 
 
@@ -212,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", default="", help="mask_ratio=R1,R2,...: the mask-ratio trade-off")
     p.add_argument("--config", default="configs/eval/default.yaml", help="evaluation config (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. eval.num_samples=10000")
-    p.add_argument("--out", default="", help="results directory, any fsspec URL (default runs/eval/<name>)")
+    p.add_argument("--out", default="", help="results directory, any fsspec URL (default runs/eval/<run>)")
     p.add_argument("--prompts", default="", help="captions, one per line (text-conditional generators)")
-    p.add_argument("--text-tokenizer", default="bytes", help="bytes, or the tokenizers JSON the shards were made with")
+    p.add_argument("--text-tokenizer", default="", help="bytes, or a tokenizers JSON (default: the one the "
+                   "model's training shards record); refused unless it is the one they were made with")
+    p.add_argument("--run-name", default="", help="this run's name: TensorBoard <logging.tensorboard_dir>/<run> "
+                   "and the default --out (default: <name>-<job>-<date-time>, new for every run)")
     p.add_argument("--speed-config", default="configs/stackformer/debug.yaml",
                    help="sweep without --model: the Stackformer architecture whose sampling is timed")
     p.add_argument("--speed-batch", type=int, default=16, help="sweep: images per timed sampling batch")
@@ -222,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(p)
     ns = p.parse_intermixed_args(argv)   # overrides may come before or after the options
     cfg = load_eval_config(ns.config, ns.overrides)
-    ev = Evaluation(cfg, ns)
-    if ns.sweep:
+    job = "sweep" if ns.sweep else "generator" if ns.model else "tokenizer"
+    settings = settings_from_args(ns) if job == "generator" else None
+    ev = Evaluation(cfg, ns, job)
+    if job == "sweep":
         run_sweep(ev)
-    elif ns.model:
-        run_generator(ev, settings_from_args(ns))
+    elif job == "generator":
+        run_generator(ev, settings)
     else:
         run_tokenizer(ev)
     return 0

@@ -9,6 +9,7 @@ classifier-free guidance when asked) and decodes them. ``python -m mqscale.sampl
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -74,11 +75,28 @@ class ImageGenerator:
         self.device = torch.device(device) if device else default_device()
         self.model, self.run_cfg = load_exported(model_dir, self.device, expect="stackformer")
         self.tokenizer, self.tok_cfg = load_exported(tokenizer_dir, self.device, expect="mqvae")
+        self._check_pair(model_dir, tokenizer_dir)
+
+    @classmethod
+    def of(cls, model, run_cfg, tokenizer=None, tok_cfg=None, device: str | torch.device | None = None
+           ) -> "ImageGenerator":
+        """From models in memory (the benchmark: random weights, no export to disk). Without a
+        tokenizer only ``tokens`` works."""
+        self = cls.__new__(cls)
+        self.device = torch.device(device) if device else default_device()
+        self.model, self.run_cfg = model.to(self.device).eval(), run_cfg
+        self.tokenizer = tokenizer.to(self.device).eval() if tokenizer is not None else None
+        self.tok_cfg = tok_cfg
+        if tokenizer is not None:
+            self._check_pair("the model", "the tokenizer")
+        return self
+
+    def _check_pair(self, model_name: str, tokenizer_name: str) -> None:
         m, t = self.run_cfg.model, self.tok_cfg.model
         for what, a, b in (("grid", m.grid, t.grid), ("codebook size", m.codebook_size, t.codebook_size),
                            ("sequence length L", m.seq_len, t.keep)):
             if a != b:
-                raise UserError(f"{model_dir} ({what} {a}) was not trained on tokens of {tokenizer_dir} "
+                raise UserError(f"{model_name} ({what} {a}) was not trained on tokens of {tokenizer_name} "
                                 f"({what} {b})")
 
     @property
@@ -115,9 +133,56 @@ class ImageGenerator:
 
     def images(self, cond: torch.Tensor | None, n: int, settings: SamplingSettings) -> Iterator[torch.Tensor]:
         """Decoded images in [-1, 1], [b, 3, H, W] float32 on the CPU, batch by batch."""
+        if self.tokenizer is None:
+            raise ValueError("this ImageGenerator has no tokenizer: it makes tokens only")
         for codes, positions in self.tokens(cond, n, settings):
             with self._autocast(settings):
                 yield self.tokenizer.decode(codes, positions).float().clamp(-1, 1).cpu()
+
+
+def training_manifest_meta(gen: ImageGenerator) -> dict | None:
+    """The ``meta`` of the manifest of the token shards the model was trained on (its
+    ``data.train_url``), or None where there is none to read (no URL, a brace pattern, gone)."""
+    from mqscale.data.fs import StorageError
+    from mqscale.data.manifest import ManifestError, read_manifest
+    d = gen.run_cfg.data
+    if not d.train_url or "{" in d.train_url:
+        return None
+    try:
+        return read_manifest(d.train_url, d.storage_options).meta
+    except (ManifestError, StorageError, OSError):
+        return None
+
+
+def text_tokenizer_for(gen: ImageGenerator, spec: str = "", storage_options: dict | None = None):
+    """The text tokenizer for a text-conditional model: ``spec`` (``--text-tokenizer``) or, when
+    none is given, the one its training shards record; refused unless its identity is the one
+    the training manifest records. Why: a different tokenizer maps a prompt to other ids of the
+    same range, so a wrong one passes every size check and silently conditions on noise."""
+    from mqscale.text_tokenizer import load_text_tokenizer
+    url = gen.run_cfg.data.train_url
+    meta = training_manifest_meta(gen) or {}
+    want = meta.get("text_tokenizer") or ""
+    recorded = (meta.get("options") or {}).get("text_tokenizer") or ""
+    chosen = spec or recorded or "bytes"
+    what = (f"--text-tokenizer {spec}" if spec else
+            f"the training shards' text tokenizer {recorded} (recorded in {url})" if recorded else
+            "the default text tokenizer (bytes)")
+    try:
+        tok = load_text_tokenizer(chosen, storage_options or gen.run_cfg.data.storage_options)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{what}: cannot be read ({e})" + ("" if spec else "; pass --text-tokenizer")) from None
+    if want and tok.identity != want:
+        raise UserError(f"{what} is {tok.identity}, but the model's training shards ({url}) were made with "
+                        f"{want}{f' ({recorded})' if recorded else ''}: pass that tokenizer to --text-tokenizer")
+    m = gen.run_cfg.model
+    if tok.vocab_size > m.text_vocab_size:
+        raise UserError(f"{what}: {tok.vocab_size} ids, the model knows {m.text_vocab_size} "
+                        f"(model.text_vocab_size); use the tokenizer its shards were made with")
+    if not want:
+        print(f"note: no training manifest to read at data.train_url={url!r}: {what} ({tok.identity}) "
+              "is not checked against the tokenizer the model was trained with", file=sys.stderr)
+    return tok
 
 
 def timed_images(gen: ImageGenerator, cond: torch.Tensor | None, n: int,

@@ -6,6 +6,8 @@ tokens it was trained on, and writes a PNG grid to any fsspec URL: one row per c
 with N samples each (unconditional: N samples), rows labelled with the class names when the
 training data's class map can be read. ``--per-image`` also writes every image as its own PNG.
 Sampling is Algorithm 1 with a KV cache; ``--cfg-scale S`` turns on classifier-free guidance.
+Prompts are encoded by the text tokenizer that the training shards' manifest records; one named
+with ``--text-tokenizer`` must be that one (same identity), or the run stops with one line.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import math
 import torch
 
 from mqscale.cli import UserError, add_storage_options_arg, guarded
-from mqscale.generate import ImageGenerator, add_sampling_args, settings_from_args, timed_images
+from mqscale.generate import (ImageGenerator, add_sampling_args, settings_from_args, text_tokenizer_for,
+                              timed_images)
 
 
 def training_classes(gen: ImageGenerator, override: str, storage_options: dict) -> list[str] | None:
@@ -71,14 +74,10 @@ def conditions(gen: ImageGenerator, ns: argparse.Namespace) -> tuple[torch.Tenso
         names = training_classes(gen, ns.class_names, ns.storage_options)
         labels = [f"{i}: {names[i]}" if names and i < len(names) else str(i) for i in ids]
         return torch.tensor(ids).repeat_interleave(n), labels
-    from mqscale.text_tokenizer import encode_batch, load_text_tokenizer
+    from mqscale.text_tokenizer import encode_batch
     prompts = read_prompts(ns.prompts, ns.storage_options)
-    tok = load_text_tokenizer(ns.text_tokenizer, ns.storage_options)
-    m = gen.run_cfg.model
-    if tok.vocab_size > m.text_vocab_size:
-        raise UserError(f"--text-tokenizer {ns.text_tokenizer}: {tok.vocab_size} ids, the model knows "
-                        f"{m.text_vocab_size} (model.text_vocab_size); use the tokenizer its shards were made with")
-    ids = torch.from_numpy(encode_batch(tok, prompts, m.text_len)).long()
+    tok = text_tokenizer_for(gen, ns.text_tokenizer, ns.storage_options)
+    ids = torch.from_numpy(encode_batch(tok, prompts, gen.run_cfg.model.text_len)).long()
     return ids.repeat_interleave(n, dim=0), prompts
 
 
@@ -96,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="PNG grid: a path or any fsspec URL")
     p.add_argument("--per-image", action="store_true", help="also write each image to <out minus .png>/NNNNNN.png")
     p.add_argument("--class-names", default="", help="manifest giving class names (default: the training data's)")
-    p.add_argument("--text-tokenizer", default="bytes", help="bytes, or the tokenizers JSON the shards were made with")
+    p.add_argument("--text-tokenizer", default="", help="bytes, or a tokenizers JSON (default: the one the training "
+                   "shards record); refused unless it is the one they were made with")
     p.add_argument("--device", default="", help="default: cuda when available, else cpu")
     add_sampling_args(p)
     add_storage_options_arg(p)

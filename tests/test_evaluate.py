@@ -19,7 +19,7 @@ from mqscale.evaluation.fid import (INCEPTION_FILE, FeatureStats, extract, frech
 from mqscale.evaluation.generation import reference_stats
 from mqscale.evaluation.image_metrics import psnr, ssim
 from mqscale.models.inception import InceptionV3
-from tests.test_sample_cli import export_pair
+from tests.test_sample_cli import export_pair, text_pair, word_tokenizer
 
 
 def random_inception_file(path: Path, seed: int = 0) -> str:
@@ -209,6 +209,36 @@ def hparams_metrics(tb: Path) -> set[str]:
                                         ea.PluginTagToContent("hparams") else set())
 
 
+def results(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "out" / "results.json").read_text())
+
+
+def run_tb(tmp_path: Path) -> Path:
+    """The TensorBoard directory of the run whose results are in ``tmp_path/out``: its own, under the root."""
+    tb = Path(results(tmp_path)["tensorboard"])
+    assert tb.parent == tmp_path / "tb" and tb.is_dir()
+    return tb
+
+
+def session_hparams(tb: Path) -> dict:
+    """The hparams of the one session in ``tb``, read back through tensorboard's reader."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    ea = EventAccumulator(str(tb))
+    ea.Reload()
+    for raw in ea.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(raw)
+        if data.HasField("session_start_info"):
+            return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+                    for k, v in data.session_start_info.hparams.items()}
+    raise AssertionError(f"{tb}: no hparams session")
+
+
+def scalars(tb: Path) -> dict[str, list[tuple[int, float]]]:
+    ea = EventAccumulator(str(tb))
+    ea.Reload()
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+
+
 def test_tokenizer_metrics_json_mask_map_and_tensorboard(pair, shapes, tmp_path, inception_file, capsys):
     _, tok = pair
     assert evaluate(tmp_path, "--tokenizer", tok, "--data", shapes, "eval.num_images=20",
@@ -220,7 +250,7 @@ def test_tokenizer_metrics_json_mask_map_and_tensorboard(pair, shapes, tmp_path,
     assert 1 <= m["codebook_perplexity"] <= 256
     assert np.isclose(np.array(rec["mask_map"]).sum(), 16)     # each image keeps 16 cells
     Image.open(tmp_path / "out" / "mask_map.png").verify()
-    tags = hparams_metrics(tmp_path / "tb" / "eval-debug")
+    tags = hparams_metrics(run_tb(tmp_path))
     assert {"eval/psnr", "eval/ssim", "eval/rfid", "eval/codebook_usage", "hparams"} <= tags
     assert "LPIPS" in capsys.readouterr().out                 # says what it could not measure
 
@@ -235,7 +265,7 @@ def test_generator_fid_and_is_end_to_end(pair, shapes, tmp_path, inception_file,
     assert m["images"] == 24 and m["reference_images"] == 40 and m["fid"] > 0 and m["is"] >= 1
     out = capsys.readouterr().out
     assert "FID" in out and "reference statistics:" in out   # computed here or by an earlier test: same key
-    assert {"eval/fid", "eval/is", "hparams"} <= hparams_metrics(tmp_path / "tb" / "eval-debug")
+    assert {"eval/fid", "eval/is", "hparams"} <= hparams_metrics(run_tb(tmp_path))
 
 
 def test_generator_without_inception_weights_names_the_file(pair, shapes, tmp_path, capsys):
@@ -256,9 +286,106 @@ def test_mask_ratio_sweep_writes_its_table_and_plot(pair, shapes, tmp_path, caps
     assert [r["seq_len"] for r in rows] == [8, 16, 32] and all(r["sampling_images_per_s"] > 0 for r in rows)
     img = Image.open(tmp_path / "out" / "sweep.png")
     assert img.format == "PNG" and img.size[0] > 400
+    tb = run_tb(tmp_path)                  # one hparams session per ratio, with that row as its metrics
+    assert sorted(p.name for p in tb.iterdir() if p.is_dir()) == [f"mask_ratio={r:g}" for r in (0.125, 0.25, 0.5)]
+    for r in rows:
+        sub = tb / f"mask_ratio={r['mask_ratio']:g}"
+        hp = session_hparams(sub)
+        assert hp["mask_ratio"] == pytest.approx(r["mask_ratio"]) and hp["seq_len"] == r["seq_len"]
+        assert hp["job"] == "sweep"
+        got = scalars(sub)
+        for k in ("psnr", "ssim", "codebook_usage", "sampling_images_per_s"):
+            assert got[f"eval/{k}"][0][1] == pytest.approx(r[k], rel=1e-6)
+    curve = scalars(tb)["eval/psnr"]        # and the run's scalars over L: the trade-off as a plot
+    assert curve == [(r["seq_len"], pytest.approx(r["psnr"], rel=1e-6)) for r in rows]
 
 
 def test_sweep_with_a_tokenizer_per_ratio_checks_the_ratios(pair, shapes, tmp_path, capsys):
     _, tok = pair
     assert evaluate(tmp_path, "--tokenizer", f"0.25={tok}", "--data", shapes, "--sweep", "mask_ratio=0.25,0.5") == 2
     assert "names ratios [0.25]" in capsys.readouterr().err
+
+
+def test_every_run_gets_its_own_results_and_tensorboard_directory(pair, shapes, tmp_path, monkeypatch, capsys):
+    """Two runs with the same config compare side by side: nothing is shared or overwritten."""
+    _, tok = pair
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "eval" / "debug.yaml")
+    monkeypatch.chdir(tmp_path)
+
+    def once(*extra):
+        return evaluate_main(["--config", config, f"logging.tensorboard_dir={tmp_path}/tb", "--tokenizer", tok,
+                              "--data", shapes, "eval.num_images=4", *extra])
+    assert once() == 0 and once() == 0
+    runs = sorted(Path("runs/eval").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("eval-debug-tokenizer-") for r in runs)
+    recs = [json.loads((r / "results.json").read_text()) for r in runs]
+    assert [rec["run"] for rec in recs] == [r.name for r in runs]
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == [r.name for r in runs]
+    for r in runs:
+        assert {"eval/psnr", "hparams"} <= hparams_metrics(tmp_path / "tb" / r.name)
+    assert once("--run-name", "baseline") == 0
+    assert (tmp_path / "runs/eval/baseline/results.json").is_file() and (tmp_path / "tb/baseline").is_dir()
+    capsys.readouterr()
+    assert once("--run-name", "../up") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--run-name" in err
+
+
+def random_lpips_files(d: Path, seed: int = 1) -> tuple[str, str]:
+    """Random VGG16 features in torchvision's layout (a tensors-only torch file) and random
+    non-negative heads in the lpips package's layout (safetensors): mqscale/models/lpips.py's formats."""
+    from safetensors.torch import save_file
+
+    from mqscale.models.lpips import CHANNELS, LPIPS
+    torch.manual_seed(seed)
+    m = LPIPS()
+    with torch.no_grad():
+        for mod in m.features:
+            if isinstance(mod, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+                mod.bias.uniform_(-0.1, 0.1)
+    torch.save({k: v for k, v in m.state_dict().items() if k.startswith("features.")}, d / "vgg16.pth")
+    save_file({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) / c for i, c in enumerate(CHANNELS)},
+              str(d / "vgg.safetensors"))
+    return str(d / "vgg16.pth"), str(d / "vgg.safetensors")
+
+
+def test_lpips_through_evaluate_with_weights_files(pair, shapes, tmp_path, capsys):
+    from mqscale.convert.export import load_exported
+    from mqscale.evaluation.reconstruction import iter_images
+    from mqscale.models.lpips import load_lpips
+    _, tok = pair
+    vgg, lin = random_lpips_files(tmp_path)
+    assert evaluate(tmp_path, "--tokenizer", tok, "--data", shapes, "eval.num_images=10",
+                    f"eval.vgg_weights={vgg}", f"eval.lpips_weights={lin}") == 0
+    m = results(tmp_path)["metrics"]
+    lp, model = load_lpips(vgg, lin), load_exported(tok, "cpu", expect="mqvae")[0]
+    with torch.no_grad():
+        want = []
+        for x in iter_images(shapes, 32, 10, 4):
+            enc = model.encode(x)
+            want.append(lp(x, model.decode(enc.codes, enc.positions).float().clamp(-1, 1)))
+    assert m["lpips"] > 0 and m["lpips"] == pytest.approx(float(torch.cat(want).mean()), rel=1e-4)
+    out = capsys.readouterr().out
+    assert "lpips" in out and "LPIPS" not in out.split("not measured", 1)[-1]
+    assert "eval/lpips" in hparams_metrics(run_tb(tmp_path))
+    capsys.readouterr()
+    assert evaluate(tmp_path, "--tokenizer", tok, "--data", shapes, f"eval.vgg_weights={lin}",
+                    f"eval.lpips_weights={lin}") == 2          # heads given as the VGG file: named, one line
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a VGG16 features state dict" in err and lin in err
+
+
+def test_generator_refuses_a_text_tokenizer_other_than_the_training_shards(shapes, tmp_path, inception_file, capsys):
+    from mqscale.text_tokenizer import load_text_tokenizer
+    model, tok = text_pair(tmp_path / "pair", shapes)          # shards made with the byte tokenizer
+    words = word_tokenizer(tmp_path / "words.json")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small square\n")
+    capsys.readouterr()
+    assert evaluate(tmp_path, "--tokenizer", tok, "--data", shapes, "--model", model, "--prompts", str(prompts),
+                    "--text-tokenizer", words, f"eval.inception_weights={inception_file}",
+                    "eval.inception_size=75") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and load_text_tokenizer("bytes").identity in err
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -28,12 +28,37 @@ def export_pair(root, *model_overrides: str) -> tuple[str, str]:
     return str(root / "model"), str(root / "tok")
 
 
+def word_tokenizer(path) -> str:
+    """A HuggingFace tokenizers JSON with a few words of the shapes' captions."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["[PAD]", "a", "large", "small", "on", "and", "background", "plain", "textured"]
+    hf = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[PAD]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(path))
+    return str(path)
+
+
+def text_pair(root, shapes: str, *tokenize_args: str) -> tuple[str, str]:
+    """A text-conditional pair whose training shards the real tokenize stage made from ``shapes``
+    (bytes unless ``--text-tokenizer`` is among ``tokenize_args``); data.train_url points at them."""
+    from mqscale.tokenize import main as tokenize_main
+    tokens = root / "tokens"
+    model, tok = export_pair(root, "model.cond=text", "model.text_len=8", f"data.train_url={tokens}")
+    assert tokenize_main(["--tokenizer", tok, "--input", shapes, "--output", str(tokens), "--workers", "0",
+                          "--no-progress", "--cond", "text", "--text-len", "8", *tokenize_args]) == 0
+    return model, tok
+
+
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pair")
-    shapes = str(root / "shapes")
-    write_shapes(shapes, 8, resolution=32, shard_size=8, progress=False)
-    return export_pair(root, f"data.train_url={shapes}")
+def shapes(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("shapes"))
+    write_shapes(d, 8, resolution=32, shard_size=8, progress=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, shapes):
+    return export_pair(tmp_path_factory.mktemp("pair"), f"data.train_url={shapes}")
 
 
 def run(pair, out, *extra):
@@ -107,12 +132,63 @@ def test_tokenizer_must_match_the_model(tmp_path, capsys):
     assert "sequence length L 12" in capsys.readouterr().err
 
 
-def test_text_model_from_prompts_and_unconditional_model(tmp_path):
-    model, tok = export_pair(tmp_path / "t", "model.cond=text", "model.text_len=8")
+def test_text_model_from_prompts_and_unconditional_model(tmp_path, capsys):
+    model, tok = export_pair(tmp_path / "t", "model.cond=text", "model.text_len=8",
+                             f"data.train_url={tmp_path / 'no-such-tokens'}")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
     assert run((model, tok), tmp_path / "t.png", "--prompts", str(prompts), "-n", "2", "--cfg-scale", "1.5") == 0
+    assert "is not checked against the tokenizer the model was trained with" in capsys.readouterr().err
     model, tok = export_pair(tmp_path / "u", "model.cond=none", "train.p_uncond=0")
     assert run((model, tok), tmp_path / "u.png", "--unconditional", "-n", "5") == 0
     arr = np.array(Image.open(io.BytesIO((tmp_path / "u.png").read_bytes())))
     assert arr.ndim == 3 and arr.shape[2] == 3
+
+
+def test_text_tokenizer_defaults_to_the_training_shards_and_another_is_refused(shapes, tmp_path, capsys):
+    from mqscale.text_tokenizer import load_text_tokenizer
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large circle on a plain background\n")
+    words = word_tokenizer(tmp_path / "words.json")
+    bytes_id, words_id = load_text_tokenizer("bytes").identity, load_text_tokenizer(words).identity
+    assert bytes_id != words_id
+
+    def sample_text(pair, out, *extra):
+        return run(pair, tmp_path / out, "--prompts", str(prompts), "-n", "2", "--per-image", *extra)
+
+    def refused(pair, spec, theirs):
+        capsys.readouterr()
+        assert sample_text(pair, "x.png", "--text-tokenizer", spec) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--text-tokenizer {spec}" in err and theirs in err
+        assert not (tmp_path / "x.png").exists()
+
+    on_bytes = text_pair(tmp_path / "b", shapes)
+    assert sample_text(on_bytes, "b.png") == 0 and sample_text(on_bytes, "b2.png", "--text-tokenizer", "bytes") == 0
+    assert "not checked" not in capsys.readouterr().err
+    for p in (tmp_path / "b").glob("*.png"):
+        assert p.read_bytes() == (tmp_path / "b2" / p.name).read_bytes()
+    refused(on_bytes, words, bytes_id)
+
+    on_words = text_pair(tmp_path / "w", shapes, "--text-tokenizer", words)
+    assert sample_text(on_words, "w.png") == 0          # the default is what the shards record: the JSON
+    assert sample_text(on_words, "w2.png", "--text-tokenizer", words) == 0
+    for p in (tmp_path / "w").glob("*.png"):
+        assert p.read_bytes() == (tmp_path / "w2" / p.name).read_bytes()
+    refused(on_words, "bytes", words_id)
+
+
+def test_grid_and_images_go_to_a_non_local_url(pair, tmp_path):
+    import fsspec
+    mem = fsspec.filesystem("memory")
+    try:
+        assert run(pair, "memory://samples/grid.png", "--classes", "1,2", "-n", "2", "--per-image", "--seed", "3") == 0
+        assert run(pair, tmp_path / "grid.png", "--classes", "1,2", "-n", "2", "--per-image", "--seed", "3") == 0
+        assert mem.cat("memory://samples/grid.png") == (tmp_path / "grid.png").read_bytes()
+        names = sorted(p.rsplit("/", 1)[-1] for p in mem.ls("memory://samples/grid", detail=False))
+        assert names == [f"{i:06d}.png" for i in range(4)]
+        for n in names:
+            assert mem.cat(f"memory://samples/grid/{n}") == (tmp_path / "grid" / n).read_bytes()
+        assert not [p for p in mem.find("memory://samples") if ".tmp" in p or "/." in p]   # no temporaries left
+    finally:
+        mem.rm("memory://samples", recursive=True)
