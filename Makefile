@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench docs clean-venv
+.PHONY: venv demo test test-faults test-heavy bench docs clean-venv
 
 venv: $(STAMP)
 
@@ -29,6 +29,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the fault-injection suite alone, its heavy variants included (more kills, ZeRO-3, CPU-Adam offload)
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q tests/fault -m "heavy or not heavy"
+
+# every test marked heavy, across the suite
+test-heavy: $(STAMP)
+	$(BIN)/python -m pytest -q -m heavy
 
 # every benchmark script prints one JSON object
 bench: $(STAMP)

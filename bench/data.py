@@ -15,7 +15,6 @@ The S3 server (moto) runs in a separate process so it does not share the reader'
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import socket

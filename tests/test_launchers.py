@@ -6,7 +6,6 @@ arguments, so these tests check exactly what the scripts would run.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import stat
 import subprocess

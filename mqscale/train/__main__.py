@@ -63,8 +63,8 @@ def with_ray(cfg: Config) -> int:
     from mqscale.train.ray_launch import failure_line, launch
     from mqscale.train.validate import validate_run
 
-    validate_run(cfg, cfg.ray.num_workers)
     url = run_url(cfg)
+    validate_run(cfg, cfg.ray.num_workers, url)
     ours = not ray.is_initialized()  # launch() starts a local Ray then
     try:
         result = launch(worker, {**to_dict(cfg), "_run_url": url}, cfg.ray, cfg.checkpoint, cfg.name)
@@ -92,9 +92,9 @@ def with_deepspeed(cfg: Config) -> int:
     from mqscale.train.validate import validate_run
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    validate_run(cfg, dist.get_world_size())
-    from mqscale.train.trainer import TrainingStopped
     url = run_url(cfg)
+    validate_run(cfg, dist.get_world_size(), url)
+    from mqscale.train.trainer import TrainingStopped
     try:
         train(cfg, LauncherSession(url, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last))
     except TrainingStopped as e:

@@ -179,6 +179,30 @@ class CheckpointStore:
             fs_.put_file(str(local / rel), remote)
         return url
 
+    def remove_partial(self, keep: str) -> list[str]:
+        """Delete the checkpoint directories a dead save left behind (no marker, or a marker
+        whose files are not all there), except ``keep``: they are never resumed, and nothing else
+        would ever delete them (Ray only prunes what it registered). Returns their names."""
+        gone = []
+        for name, d in self._entries():
+            if name == keep:
+                continue
+            try:
+                body = read_marker(self.fs, posixpath.join(d, MARKER))
+            except CheckpointError:
+                body = None
+            try:
+                if body is not None:
+                    present = {posixpath.relpath(p, d) for p in self.fs.find(d)}
+                    if all(rel in present for rel in body["files"]):
+                        continue
+                self.fs.rm(d, recursive=True)
+            except FileNotFoundError:  # pruned meanwhile (Ray's own num_to_keep)
+                continue
+            log.warning("removed %s: a partial checkpoint (a save that did not finish)", name)
+            gone.append(name)
+        return gone
+
     def prune(self, keep: int) -> None:
         for f in self.candidates()[keep:]:
             fs_, root = fs.get_fs(f.url, self.so)

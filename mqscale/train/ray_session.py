@@ -23,6 +23,8 @@ class RaySession:
         ray.train.report(metrics, checkpoint=ckpt)
 
     def commit(self, staging: Path, name: str, metrics: dict) -> None:
+        from mqscale.train.faults import during_save
+        during_save(int(metrics.get("step", -1)), self.rank)   # (ranks that reported first have uploaded)
         ray.train.report({k: v if isinstance(v, str) else float(v) for k, v in metrics.items()},
                          checkpoint=ray.train.Checkpoint.from_directory(str(staging)), checkpoint_dir_name=name)
 

@@ -78,8 +78,11 @@ class LauncherSession:
         import torch.distributed as dist
 
         from mqscale.train.checkpoint import MARKER
+        from mqscale.train.faults import during_save
         mine = [p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file() and p.name != MARKER]
-        self.store.upload(staging, name, mine)
+        self.store.upload(staging, name, mine[:1])
+        during_save(int(metrics.get("step", -1)), self.rank)
+        self.store.upload(staging, name, mine[1:])
         dist.barrier()
         if self.rank == 0:
             self.store.upload(staging, name, [MARKER])

@@ -5,7 +5,8 @@ checkpoint is committed. Each micro-batch comes from the streaming loader (fixed
 holes dropped before the forward), goes through the DeepSpeed engine (ZeRO, accumulation,
 clipping, bf16), and a loss that is not finite on any rank skips that micro-batch everywhere.
 Checkpoints carry the step, tokens seen, every rank's data position and RNG, and the resolved
-config; resume verifies them (see ``checkpoint.py``) and continues exactly.
+config; resume verifies them (see ``checkpoint.py``) and continues exactly. The fault suite's
+hooks (``faults.py``) sit in this path and are off unless their environment variables are set.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -29,6 +29,7 @@ from mqscale.models import train_flops_per_token
 from mqscale.train.checkpoint import (RUN_CONFIG, TAG, CheckpointError, CheckpointStore, checkpoint_name,
                                       local_files, write_marker)
 from mqscale.train.engine import build_engine
+from mqscale.train.faults import SampleTrace, fault_point, inject_nan
 from mqscale.train.metrics import Metrics, device_peak_tflops, memory_gb
 from mqscale.train.optim import lr_at, n_params
 
@@ -98,6 +99,7 @@ class Trainer:
         if cfg.logging.tokenizer and self.rank == 0:
             from mqscale.convert.export import load_exported
             self.tokenizer, _ = load_exported(cfg.logging.tokenizer, self.device, expect="mqvae")
+        self.trace = SampleTrace(self.rank)
         self.restored_from = self._restore()
 
     # ------------------------------------------------------------------ checkpoints
@@ -111,8 +113,9 @@ class Trainer:
         if found is None:
             return None
         if found.marker.get("world") != self.world:
+            from mqscale.train.validate import RESHARD
             raise CheckpointError(f"{found.url}: saved by {found.marker.get('world')} workers, this run has "
-                                  f"{self.world}; resharding a checkpoint is not supported yet")
+                                  f"{self.world}: {RESHARD}")
         with tempfile.TemporaryDirectory(prefix="mqscale-restore-") as d:
             self.store.download(found, Path(d), rank=self.rank)
             try:
@@ -164,6 +167,7 @@ class Trainer:
                 write_marker(staging, files, self.step, self.world, {"name": self.cfg.name})
             self.session.commit(staging, checkpoint_name(self.step), metrics)
             if self.rank == 0:
+                self.store.remove_partial(keep=checkpoint_name(self.step))
                 self._sync_tensorboard()
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -278,11 +282,13 @@ class Trainer:
                 continue
             self.nonfinite_streak = 0
             self.tokens += int(parts["sequences_all"]) * cfg.model.seq_len   # the run's tokens, all ranks
+            self.trace.add(batch)
             window.append(parts)
             if self.engine.global_steps == before:  # still accumulating
                 continue
             self.step += 1
             steps += 1
+            self.trace.step(self.step)
             fault_point(self.step, self.rank)
             if self.step % cfg.logging.log_every == 0 or self.step == max_steps:
                 last = self._log(window, lr, wait, busy, steps)
@@ -379,51 +385,6 @@ def skip_optimizer_step(engine) -> None:
         engine.step()
     finally:
         del opt.step
-
-
-def fault_point(step: int, rank: int) -> None:
-    """Fault injection for the test suite: ``MQSCALE_FAULT_EXIT=<step>:<rank>:<flag file>`` makes that
-    rank die (os._exit) at that step, once (the flag file records that it happened)."""
-    spec = os.environ.get("MQSCALE_FAULT_EXIT")
-    if not spec:
-        return
-    at, who, flag = spec.split(":", 2)
-    if step == int(at) and rank == int(who) and not os.path.exists(flag):
-        Path(flag).write_text(f"killed rank {rank} at step {step}\n")
-        log.warning("fault injection: rank %d exits at step %d", rank, step)
-        os._exit(17)
-
-
-class _NaNGradient(torch.autograd.Function):
-    """Identity forward, NaN backward: a finite loss whose gradient is not."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("nan")
-
-
-_injected: dict[tuple[str, int], int] = {}
-
-
-def inject_nan(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-    """Fault injection for the test suite: ``MQSCALE_FAULT_NAN=kind:step:times[,...]`` with kind
-    ``loss`` (the loss becomes NaN) or ``grad`` (the loss stays finite, its gradient is NaN), for
-    the first ``times`` micro-batches working towards optimizer step ``step``, on rank 0."""
-    spec = os.environ.get("MQSCALE_FAULT_NAN")
-    if not spec or rank != 0:
-        return loss
-    for item in spec.split(","):
-        kind, at, times = item.split(":")
-        key = (kind, int(at))
-        if step == int(at) and _injected.get(key, 0) < int(times):
-            _injected[key] = _injected.get(key, 0) + 1
-            log.warning("fault injection: non-finite %s at step %d", kind, step)
-            return loss * float("nan") if kind == "loss" else _NaNGradient.apply(loss)
-    return loss
 
 
 def train(cfg: Config, session: RunSession) -> dict:

@@ -9,7 +9,7 @@ from mqscale.data.loader import Source, resolve_source
 from mqscale.data.manifest import ManifestError
 
 
-def validate_run(cfg: Config, world: int) -> Source:
+def validate_run(cfg: Config, world: int, run_url: str | None = None) -> Source:
     t, d, m = cfg.train, cfg.data, cfg.model
     per_micro = d.batch_size * world
     if t.global_batch:
@@ -66,6 +66,8 @@ def validate_run(cfg: Config, world: int) -> Source:
         check_tokenizer_fits(cfg, tok)
     if cfg.checkpoint.resume_from:
         check_resume_from(cfg, world)
+    if run_url and cfg.checkpoint.resume == "auto":
+        check_own_checkpoints(cfg, world, run_url)
     return src
 
 
@@ -104,6 +106,24 @@ def check_tokenizer_fits(cfg: Config, tok: dict) -> None:
             raise ConfigError(f"model.{key}: {ours} does not match the tokenizer's {key} {theirs} ({where})")
 
 
+RESHARD = ("resharding a ZeRO checkpoint onto another number of workers is not supported (each rank's "
+           "optimizer partition and data position belong to that world size)")
+
+
+def check_own_checkpoints(cfg: Config, world: int, run_url: str) -> None:
+    """A relaunch resumes the run's newest checkpoint: refuse it here, not in every worker, when it
+    was saved by another number of workers (markers only; the workers verify the files)."""
+    from mqscale.train.checkpoint import CheckpointStore
+    try:
+        found = CheckpointStore(run_url, cfg.checkpoint.storage_options).candidates()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint.dir: cannot list the run's checkpoints at {run_url} ({e})") from None
+    if found and found[0].marker.get("world") != world:
+        saved = found[0].marker.get("world")
+        raise ConfigError(f"checkpoint: {found[0].url} was saved by {saved} workers, this run has {world}: {RESHARD}; "
+                          f"relaunch with {saved} workers, or start a new run (another name)")
+
+
 def check_resume_from(cfg: Config, world: int) -> None:
     """A named checkpoint must at least be one (its marker readable) and be from as many workers;
     the workers verify every file's sha256 before they load it."""
@@ -116,4 +136,4 @@ def check_resume_from(cfg: Config, world: int) -> None:
         raise ConfigError(f"checkpoint.resume_from: {url}: {e}; not a complete mqscale checkpoint") from None
     if marker.get("world") != world:
         raise ConfigError(f"checkpoint.resume_from: {url} was saved by {marker.get('world')} workers, this run "
-                          f"has {world}")
+                          f"has {world}: {RESHARD}")
