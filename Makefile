@@ -40,7 +40,7 @@ test-heavy: $(STAMP)
 
 # every benchmark script prints one JSON object
 bench: $(STAMP)
-	@for b in sampling train_step train data mqvae tokenize_stage sample; do $(BIN)/python bench/$$b.py || exit 1; done
+	@for b in sampling train_step train data mqvae tokenize_stage sample faults; do $(BIN)/python bench/$$b.py || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

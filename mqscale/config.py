@@ -450,17 +450,19 @@ def to_dict(cfg: Any) -> dict:
 SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "session", "auth", "signature")
 
 
-def redacted(value: Any) -> Any:
+def redacted(value: Any, drop: bool = False) -> Any:
     """A copy of a plain config dict safe to print or log: under any ``storage_options`` (and in
     any nested mapping there) every entry whose name suggests a credential is replaced, so keys
-    and tokens never reach a console, a log file or TensorBoard."""
+    and tokens never reach a console, a log file or TensorBoard. ``drop``: removed instead (see
+    ``without_credentials``)."""
     def walk(v: Any, secret_scope: bool) -> Any:
         if isinstance(v, dict):
             out = {}
             for k, x in v.items():
                 inside = secret_scope or k == "storage_options"
                 if secret_scope and any(w in str(k).lower() for w in SECRET_WORDS) and not isinstance(x, dict):
-                    out[k] = "<redacted>"
+                    if not drop:
+                        out[k] = "<redacted>"
                 else:
                     out[k] = walk(x, inside)
             return out
@@ -468,6 +470,14 @@ def redacted(value: Any) -> Any:
             return [walk(x, secret_scope) for x in v]
         return v
     return walk(to_dict(value) if dataclasses.is_dataclass(value) else value, False)
+
+
+def without_credentials(value: Any) -> dict:
+    """The config as it is stored with an artifact (checkpoints, exports, manifests): credentials
+    under ``storage_options`` are left out, so whoever later reads the artifact (sampling,
+    evaluation, a resumed run elsewhere) brings their own, from the environment or the command
+    line; endpoints and other options stay."""
+    return redacted(value, drop=True)
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -38,21 +38,6 @@ def _seed():
 @pytest.fixture(scope="session")
 def s3():
     """A real S3 API on loopback (moto's ThreadedMotoServer), as s3fs's own test suite uses."""
-    import os
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        os.environ.setdefault(k, "testing")
-    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-    import s3fs
-    fs = s3fs.S3FileSystem(**opts)
-    fs.mkdir("mqscale-test")
-    yield opts
-    server.stop()
+    from tests.loopback_s3 import loopback_s3
+    with loopback_s3("mqscale-test") as opts:
+        yield opts

@@ -11,28 +11,20 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from data_tools.make_shapes import write_shapes
 from mqscale.config import load_config
 from mqscale.convert.export import load_exported, save_exported
 from mqscale.models import param_count
 from mqscale.models.mqvae import MQVAE
-from mqscale.tokenize import main as tokenize_main
 from mqscale.tokenizer_config import load_tokenizer_config
 from mqscale.train.checkpoint import MARKER, CheckpointStore
+from tests.fault.conftest import build_fault_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    write_shapes(str(d / "shapes"), 240, resolution=32, shard_size=60, progress=False)
-    cfg = load_tokenizer_config("configs/mqvae/demo.yaml")
-    torch.manual_seed(0)
-    save_exported(MQVAE(cfg.model).eval(), cfg, d / "tokenizer")
-    assert tokenize_main(["--tokenizer", str(d / "tokenizer"), "--input", str(d / "shapes"), "--output",
-                          str(d / "tokens"), "--workers", "0", "--no-progress"]) == 0
-    return d
+    return build_fault_data(tmp_path_factory.mktemp("demo"))
 
 
 def train(demo, storage, *overrides, env=None, launcher=None, timeout=600):

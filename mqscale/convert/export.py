@@ -20,7 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from mqscale.cli import UserError
-from mqscale.config import from_dict, to_dict
+from mqscale.config import from_dict, without_credentials
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -82,7 +82,7 @@ def save_exported(model: nn.Module, cfg: Any, out_dir: str | Path, source: str =
         "weights": WEIGHTS,
         "weights_sha256": sha256_file(out / WEIGHTS),
         "source": source,
-        "config": to_dict(cfg),
+        "config": without_credentials(cfg),
     }
     _atomic_write(out / CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     return out

@@ -11,13 +11,14 @@ preemption, a dying upload or a NaN would meet.
   step-``step`` checkpoint, after its first file reached the storage and before the others.
 - ``MQSCALE_FAULT_NAN=kind:step:times[,...]``: see ``inject_nan``.
 - ``MQSCALE_TRACE_SAMPLES=<dir>``: every rank appends one JSON line per optimizer step to
-  ``<dir>/rank<r>.jsonl`` with the step, the process id and the sample ids it trained on.
+  ``<dir>/rank<r>.jsonl`` with the step, the process id, the time and the sample ids it trained on.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -106,5 +107,5 @@ class SampleTrace:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "pid": os.getpid(), "ids": self.ids}) + "\n")
+            f.write(json.dumps({"step": step, "pid": os.getpid(), "time": time.time(), "ids": self.ids}) + "\n")
         self.ids = []

@@ -23,7 +23,7 @@ from typing import Iterator, Protocol
 import torch
 import torch.distributed as dist
 
-from mqscale.config import Config, to_dict
+from mqscale.config import Config, without_credentials
 from mqscale.data.loader import StreamingLoader
 from mqscale.models import train_flops_per_token
 from mqscale.train.checkpoint import (RUN_CONFIG, TAG, CheckpointError, CheckpointStore, checkpoint_name,
@@ -156,10 +156,10 @@ class Trainer:
         try:
             client = {"step": self.step, "tokens": self.tokens, "world": self.world,
                       "loader": gather(self.loader.state_dict()), "rng": gather(rng_state()),
-                      "config": to_dict(self.cfg)}
+                      "config": without_credentials(self.cfg)}
             self.engine.save_checkpoint(str(staging), tag=TAG, client_state=client)
             if self.rank == 0:  # the checkpoint describes itself: export needs nothing else
-                (staging / RUN_CONFIG).write_text(json.dumps(to_dict(self.cfg), indent=1))
+                (staging / RUN_CONFIG).write_text(json.dumps(without_credentials(self.cfg), indent=1))
             files: dict = {}
             for part in gather(local_files(staging)):
                 files.update(part)

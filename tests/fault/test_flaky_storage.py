@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import s3fs
@@ -40,9 +41,34 @@ def train_on_s3(fault_data, tmp_path, data: str, so: dict, name: str, *extra):
                  f"checkpoint.storage_options={opts}", f"name={name}", *extra)
 
 
+# moto takes any credentials: these must never be written anywhere, nor printed
+KEY, SECRET = "AKIAMQSCALEKEY0000042", "mqscale-SECRET-never-logged-0042"
+
+
+def leaks(secrets: list[str], run_output: str, *roots: Path, s3_prefix: str, s3: dict) -> list[str]:
+    """Where any of ``secrets`` appears: the run's output, files under ``roots``, objects under
+    ``s3_prefix``."""
+    found = [f"output: {x}" for x in secrets if x in run_output]
+    for root in roots:
+        for p in root.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                data = p.read_bytes()
+                found += [f"{p}: {x}" for x in secrets if x.encode() in data]
+    fs = s3fs.S3FileSystem(**s3)
+    for key in fs.find(s3_prefix):
+        data = fs.cat(key)
+        found += [f"s3://{key}: {x}" for x in secrets if x.encode() in data]
+    return found
+
+
 def test_ten_percent_transient_failures_change_nothing(fault_data, tmp_path, s3, on_s3):
-    direct = train_on_s3(fault_data, tmp_path / "a", on_s3, s3, "direct")
-    assert direct.returncode == 0, (direct.stdout + direct.stderr)[-3000:]
+    direct = train_on_s3(fault_data, tmp_path / "a", on_s3, {**s3, "key": KEY, "secret": SECRET}, "direct")
+    out = direct.stdout + direct.stderr
+    assert direct.returncode == 0, out[-3000:]
+    # security: the storage credentials reach no log line, no checkpoint, no event file, no Ray log
+    ray_logs = Path("/tmp/ray/session_latest/logs")
+    assert not leaks([KEY, SECRET], out, tmp_path / "a", *([ray_logs.resolve()] if ray_logs.exists() else []),
+                     s3_prefix=f"{BUCKET}/runs/direct", s3=s3)
     with FlakyS3(s3["endpoint_url"], failure_rate=0.1, seed=7) as proxy:
         flaky = train_on_s3(fault_data, tmp_path / "b", on_s3, via(s3, proxy.endpoint), "flaky")
         out = flaky.stdout + flaky.stderr
