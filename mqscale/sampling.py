@@ -73,7 +73,9 @@ def draw(logits: torch.Tensor, params: SamplingParams, allowed: torch.Tensor | N
     V = logits.shape[-1]
     idx = None
     if params.top_k and params.top_k < V:
-        logits, idx = torch.topk(logits, params.top_k, dim=-1)        # sorted, descending
+        # the nucleus needs the candidates in descending order; plain top-k does not (unsorted
+        # topk costs a fifth less on CPU, where it is a large part of a decoding step)
+        logits, idx = torch.topk(logits, params.top_k, dim=-1, sorted=params.top_p < 1.0)
     elif params.top_p < 1.0:
         logits, idx = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(logits, dim=-1)

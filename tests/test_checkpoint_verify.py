@@ -45,6 +45,8 @@ def test_a_whole_checkpoint_verifies(tmp_path):
     (lambda d: (d / MARKER).unlink(), f"no {MARKER}"),
     (lambda d: (d / MARKER).write_text('{"step": 10, "fil'), "not valid JSON"),
     (lambda d: (d / MARKER).write_text('{"step": "ten", "files": {}}'), "lacks step"),
+    (lambda d: (d / MARKER).write_text(json.dumps({"step": 10, "files": {"../../etc/passwd": {
+        "size": 1, "sha256": "0" * 64}}})), "unsafe file name '../../etc/passwd'"),
 ])
 def test_a_damaged_checkpoint_is_named_with_why(tmp_path, damage, why):
     d = make_checkpoint(tmp_path, 10)

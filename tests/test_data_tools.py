@@ -192,12 +192,15 @@ def test_verify_counts_a_decompression_bomb_without_a_traceback(tmp_path):
     assert r.stdout.strip().splitlines()[-1].startswith("FAILED: 2 shards, 19 samples decoded, 1 bad samples")
 
 
-def test_shard_images_refuses_a_decompression_bomb_in_one_line(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shard_images_refuses_a_decompression_bomb_in_one_line(tmp_path, workers):
+    """With a pool of writers too: the failing shard's error comes out and the others stop (the
+    workers' progress ticks, no longer read, must not keep the pool from shutting down)."""
     from tests.test_data_robustness import _png_claiming
-    images(tmp_path / "src", 3)
+    images(tmp_path / "src", 3 if workers == 1 else 120)
     (tmp_path / "src" / "bomb.png").write_bytes(_png_claiming(30000, 30000))
     r = tool("data_tools.shard_images", str(tmp_path / "src"), str(tmp_path / "out"), "--resolution", "16",
-             "--no-progress")
+             "--no-progress", "--workers", str(workers), "--shard-size", "10")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith(f"error: {tmp_path / 'src' / 'bomb.png'}: not a decodable image")
     assert "pixel limit" in r.stderr and not (tmp_path / "out" / "manifest.json").exists()

@@ -117,6 +117,13 @@ def test_resume_from_must_be_a_checkpoint_of_as_many_workers(tokens, tmp_path):
     with pytest.raises(ConfigError, match="was saved by 2 workers, this run has 1"):
         validate_run(cfg_of(f"data.train_url={tokens}", f"checkpoint.resume_from={ckpt}"), 1)
     validate_run(cfg_of(f"data.train_url={tokens}", f"checkpoint.resume_from={ckpt}"), 2)
+    # a run with checkpoints of its own never reads its seed again: a seed deleted since is no error
+    run = tmp_path / "runs" / "stackformer-demo"
+    make_checkpoint(run, 8, world=1)
+    cfg = cfg_of(f"data.train_url={tokens}", f"checkpoint.resume_from={tmp_path / 'deleted-seed'}")
+    validate_run(cfg, 1, str(run))
+    with pytest.raises(ConfigError, match="saved by 1 workers, this run has 2: resharding"):
+        validate_run(cfg, 2, str(run))
 
 
 # ---------------------------------------------------------------- engine cases, one rank each

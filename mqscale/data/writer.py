@@ -51,6 +51,9 @@ def progress_tick(n: int = 1) -> None:
 
 def _worker_init(q) -> None:
     global _report
+    # progress ticks only: a worker must never wait at exit for a parent that stopped reading
+    # them (it does when a shard fails), or the pool's shutdown would hang with the error unseen
+    q.cancel_join_thread()
     _report = lambda index, n: q.put((index, n))  # noqa: E731
 
 
@@ -229,13 +232,17 @@ def write_shard_set(base: str, jobs: Sequence[ShardJob], produce: Callable, *, f
                                     initargs=(q,)) as pool:
             futures = {pool.submit(_run_job, produce, job, base, storage_options): job for job in todo}
             waiting = set(futures)
-            while waiting:
-                done, waiting = cf.wait(waiting, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-                ticks.drain(q)
-                for fut in done:
-                    job = futures[fut]
-                    infos[job.index] = fut.result()
-                    ticks.finish(job)
+            try:
+                while waiting:
+                    done, waiting = cf.wait(waiting, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+                    ticks.drain(q)
+                    for fut in done:
+                        job = futures[fut]
+                        infos[job.index] = fut.result()
+                        ticks.finish(job)
+            except BaseException:  # one shard failed (or Ctrl-C): do not start the others
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         q.close()
     rate = bar.close()
     manifest = Manifest(format=fmt, shards=[infos[j.index] for j in jobs], classes=classes,

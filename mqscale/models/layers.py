@@ -19,8 +19,9 @@ class KVCache:
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
         shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # uninitialised: a position is always written before any attention reads it
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0  # tokens already cached (same for every layer between stack calls)
 
     @property

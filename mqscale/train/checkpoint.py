@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mqscale.data import fs
+from mqscale.data.tario import unsafe_name
 
 log = logging.getLogger("mqscale.checkpoint")
 MARKER = "mqscale_complete.json"
@@ -63,6 +64,10 @@ def read_marker(fs_, path: str) -> dict:
           and all(isinstance(v, dict) and {"size", "sha256"} <= v.keys() for v in body["files"].values()))
     if not ok:
         raise CheckpointError(f"{MARKER} lacks step or the files' sizes and sha256s")
+    for rel in body["files"]:  # names are joined to the checkpoint (read, downloaded): none may climb out
+        why = unsafe_name(rel)
+        if why:
+            raise CheckpointError(f"{MARKER} lists an unsafe file name {rel[:80]!r} ({why})")
     return body
 
 
@@ -198,6 +203,9 @@ class CheckpointStore:
                         continue
                 self.fs.rm(d, recursive=True)
             except FileNotFoundError:  # pruned meanwhile (Ray's own num_to_keep)
+                continue
+            except Exception as e:  # housekeeping after a good save: never fails the run
+                log.warning("could not remove the partial checkpoint %s (%s); it is never resumed", name, e)
                 continue
             log.warning("removed %s: a partial checkpoint (a save that did not finish)", name)
             gone.append(name)

@@ -162,6 +162,8 @@ class TokenizerTrainer:
             self.opt_d.load_state_dict(st["opt_d"])
             self.step = int(st["step"])
             torch.set_rng_state(st["rng"])  # code restarts draw from it: resume exactly
+            if "rng_cuda" in st and torch.cuda.is_available():  # (on a GPU they draw from this one)
+                torch.cuda.set_rng_state(st["rng_cuda"])
             loader_state = dict(st["loader"], rank=self.session.rank, stats=st["loader"]["stats"])
             self.loader.load_state_dict(loader_state)
             log.info("resumed from %s at step %d", d, self.step)
@@ -175,7 +177,9 @@ class TokenizerTrainer:
             torch.save({"step": self.step, "launch": self.launch_id,
                         "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                         "discriminator": self.loss.discriminator.state_dict(),
-                        "loader": self.loader.state_dict(), "rng": torch.get_rng_state()}, Path(d) / STATE)
+                        "loader": self.loader.state_dict(), "rng": torch.get_rng_state(),
+                        **({"rng_cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})},
+                       Path(d) / STATE)
             self.session.report(metrics, d)
         self._sync_tensorboard()
 

@@ -208,8 +208,9 @@ class Trainer:
         out = self.engine(codes, pos, cond=cond)
         loss = inject_nan(out.loss * weight, self.step + 1, self.rank)
         # one collective for both: ranks whose loss is not finite, and sequences over all ranks
-        flags = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0, float(keep.sum()) * weight],
-                             dtype=torch.float64, device=self.device)
+        rows = float(keep.sum()) * weight
+        flags = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0, rows], dtype=torch.float64,
+                             device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flags)
         ok = flags[0].item() == 0
@@ -229,16 +230,15 @@ class Trainer:
                 else:
                     ok = False
         parts = {"loss/total": out.loss.item(), "loss/code": out.code_loss.item(),
-                 "loss/position": out.pos_loss.item(), "sequences": float(keep.sum()) * weight,
-                 "sequences_all": flags[1].item()}
+                 "loss/position": out.pos_loss.item(), "sequences": rows, "sequences_all": flags[1].item()}
         return loss, parts, ok
 
     def _grads_finite(self) -> bool:
         """fp32 under ZeRO-0 runs the torch optimizer with no overflow check: check the (already
         all-reduced) gradients here, agreeing on all ranks."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        bad = torch.tensor([0.0 if all(bool(torch.isfinite(g).all()) for g in grads) else 1.0],
-                           device=self.device)
+        ok = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        bad = (~ok).to(device=self.device, dtype=torch.float32).reshape(1)   # one read-back below
         if dist.is_initialized():
             dist.all_reduce(bad)
         return bad.item() == 0
@@ -312,12 +312,12 @@ class Trainer:
     def _log(self, window: list[dict], lr: float, wait: float, busy: float, steps: int) -> dict:
         n = max(1, len(window))
         v = {k: sum(w[k] for w in window) / n for k in ("loss/total", "loss/code", "loss/position")}
-        seqs = sum(w["sequences"] for w in window)
-        stats = torch.tensor([seqs, busy, wait], dtype=torch.float64, device=self.device)  # NCCL: on the GPU
+        seqs_all = sum(w["sequences_all"] for w in window)           # already summed over the ranks
+        stats = torch.tensor([busy, wait], dtype=torch.float64, device=self.device)  # NCCL: on the GPU
         if dist.is_initialized():
             dist.all_reduce(stats)
-            stats[1:] /= self.world
-        seqs_all, busy_s, wait_s = stats.tolist()
+            stats /= self.world
+        busy_s, wait_s = stats.tolist()
         v.update({"lr": lr, "perf/sequences_per_s": seqs_all / max(busy_s, 1e-9),
                   "perf/step_time_s": busy_s / max(1, steps), "perf/data_wait_share": wait_s / max(busy_s, 1e-9),
                   "memory_gb": memory_gb(), "skipped/nonfinite": float(self.nonfinite_total)})

@@ -64,10 +64,9 @@ def validate_run(cfg: Config, world: int, run_url: str | None = None) -> Source:
                               f"token shards (sha256 {str(tok.get('weights_sha256'))[:12]} vs "
                               f"{meta.tokenizer_sha256[:12]})")
         check_tokenizer_fits(cfg, tok)
-    if cfg.checkpoint.resume_from:
+    own = check_own_checkpoints(cfg, world, run_url) if run_url and cfg.checkpoint.resume == "auto" else False
+    if cfg.checkpoint.resume_from and not own:  # a run with checkpoints of its own never reads its seed again
         check_resume_from(cfg, world)
-    if run_url and cfg.checkpoint.resume == "auto":
-        check_own_checkpoints(cfg, world, run_url)
     return src
 
 
@@ -83,9 +82,12 @@ def missing_shards(src: Source, storage_options: dict) -> list[str]:
         fs_, path = fs.get_fs(parent, storage_options)
         try:
             present = {posixpath.basename(p.rstrip("/")) for p in fs_.ls(path, detail=False)}
-        except FileNotFoundError:
+        except Exception:  # no listing here (http, or a bucket policy without ListBucket)
             present = set()
-        missing += [f"{parent}/{n}" for n in names if n not in present]
+        absent = [n for n in names if n not in present]
+        if len(absent) == len(names):  # listed nothing we want: ask for each shard instead
+            absent = [n for n in names if not fs.exists(f"{parent}/{n}", storage_options)]
+        missing += [f"{parent}/{n}" for n in absent]
     return missing
 
 
@@ -110,9 +112,10 @@ RESHARD = ("resharding a ZeRO checkpoint onto another number of workers is not s
            "optimizer partition and data position belong to that world size)")
 
 
-def check_own_checkpoints(cfg: Config, world: int, run_url: str) -> None:
+def check_own_checkpoints(cfg: Config, world: int, run_url: str) -> bool:
     """A relaunch resumes the run's newest checkpoint: refuse it here, not in every worker, when it
-    was saved by another number of workers (markers only; the workers verify the files)."""
+    was saved by another number of workers (markers only; the workers verify the files). True when
+    the run has checkpoints of its own."""
     from mqscale.train.checkpoint import CheckpointStore
     try:
         found = CheckpointStore(run_url, cfg.checkpoint.storage_options).candidates()
@@ -122,6 +125,7 @@ def check_own_checkpoints(cfg: Config, world: int, run_url: str) -> None:
         saved = found[0].marker.get("world")
         raise ConfigError(f"checkpoint: {found[0].url} was saved by {saved} workers, this run has {world}: {RESHARD}; "
                           f"relaunch with {saved} workers, or start a new run (another name)")
+    return bool(found)
 
 
 def check_resume_from(cfg: Config, world: int) -> None:
