@@ -58,8 +58,11 @@ def hparams(ea: EventAccumulator) -> dict:
 
 def client_state(ckpt: Path) -> dict:
     """What a checkpoint says about the run: step, tokens, every rank's loader position and RNG."""
-    # our own test run's DeepSpeed pickle
-    return torch.load(ckpt / "ds" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    # our own test run's DeepSpeed pickle (ZeRO-3 writes one per rank, with the client state in each)
+    f = ckpt / "ds" / "mp_rank_00_model_states.pt"
+    if not f.exists():
+        f = ckpt / "ds" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    return torch.load(f, map_location="cpu", weights_only=False)
 
 
 def test_zero2_two_workers_learn_log_checkpoint_export_and_continue(demo_data, tmp_path):
