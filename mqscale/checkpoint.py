@@ -37,10 +37,10 @@ def verify_url(url: str, storage_options: dict | None = None) -> list[dict]:
             return [{"url": url, "ok": False, "why": str(e).split(": ", 1)[-1]}]
         return [{"url": found.url, "step": found.step, "world": found.marker.get("world"),
                  "files": len(found.marker["files"]), "ok": True}]
-    records = []
-    for name in store.incomplete():
-        records.append({"url": fs.join(url, name), "ok": False, "why": f"no {MARKER}: incomplete (never resumed)"})
-    for found in store.candidates():
+    found_all, incomplete = store.scan()
+    records = [{"url": fs.join(url, name), "ok": False, "why": f"{why}: incomplete (never resumed)"}
+               for name, why in sorted(incomplete.items())]
+    for found in found_all:
         why = store.verify(found)
         records.append({"url": found.url, "step": found.step, "world": found.marker.get("world"),
                         "files": len(found.marker["files"]), "ok": why is None, **({"why": why} if why else {})})

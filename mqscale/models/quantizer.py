@@ -4,7 +4,7 @@ The codebook is not trained by gradient: each training step moves every code tow
 of the vectors assigned to it (exponential moving average, decay 0.99), and a code whose EMA
 count fell below one is restarted at a random input vector of the step. Distances are one
 matmul. Under data parallelism the per-step statistics must be summed over ranks; the trainer
-injects that through ``sync`` (models stay free of torch.distributed).
+injects that through ``sync`` (models import no distributed package).
 
 Padding rows (a rank whose share of the epoch ran out, an undecodable batch) come in with
 weight 0: they move nothing, yet every rank still makes exactly the same collectives in the

@@ -100,27 +100,27 @@ class CheckpointStore:
                 out.append((name, d))
         return sorted(out)
 
-    def candidates(self) -> list[Found]:
-        """Checkpoints with a marker, newest step first (markers unverified)."""
-        found = []
+    def scan(self) -> tuple[list[Found], dict[str, str]]:
+        """One pass over the run: (checkpoints with a readable marker, newest step first, markers
+        unverified; {name: why} of the directories without one, which are never resumed)."""
+        found, incomplete = [], {}
         for name, d in self._entries():
             try:
                 body = read_marker(self.fs, posixpath.join(d, MARKER))
             except CheckpointError as e:
-                log.warning("checkpoint %s: %s: incomplete, skipped", name, e)
+                incomplete[name] = str(e)
                 continue
             found.append(Found(self._url(d), int(body["step"]), body))
-        return sorted(found, key=lambda f: f.step, reverse=True)
+        return sorted(found, key=lambda f: f.step, reverse=True), incomplete
+
+    def candidates(self) -> list[Found]:
+        found, incomplete = self.scan()
+        for name, why in incomplete.items():
+            log.warning("checkpoint %s: %s: incomplete, skipped", name, why)
+        return found
 
     def incomplete(self) -> list[str]:
-        """Names of the run's checkpoint directories without a readable marker (never resumed)."""
-        bad = []
-        for name, d in self._entries():
-            try:
-                read_marker(self.fs, posixpath.join(d, MARKER))
-            except CheckpointError:
-                bad.append(name)
-        return bad
+        return sorted(self.scan()[1])
 
     def verify(self, found: Found) -> str | None:
         """None when every file matches the marker, else why not."""
@@ -188,19 +188,22 @@ class CheckpointStore:
         """Delete the checkpoint directories a dead save left behind (no marker, or a marker
         whose files are not all there), except ``keep``: they are never resumed, and nothing else
         would ever delete them (Ray only prunes what it registered). Returns their names."""
-        gone = []
-        for name, d in self._entries():
-            if name == keep:
+        found, incomplete = self.scan()
+        partial = [posixpath.join(self.path, name) for name in incomplete if name != keep]
+        for f in found:
+            d = fs.get_fs(f.url, self.so)[1]
+            if posixpath.basename(d) == keep:
                 continue
             try:
-                body = read_marker(self.fs, posixpath.join(d, MARKER))
-            except CheckpointError:
-                body = None
+                present = {posixpath.relpath(p, d) for p in self.fs.find(d)}
+            except FileNotFoundError:
+                continue
+            if not all(rel in present for rel in f.marker["files"]):
+                partial.append(d)
+        gone = []
+        for d in partial:
+            name = posixpath.basename(d)
             try:
-                if body is not None:
-                    present = {posixpath.relpath(p, d) for p in self.fs.find(d)}
-                    if all(rel in present for rel in body["files"]):
-                        continue
                 self.fs.rm(d, recursive=True)
             except FileNotFoundError:  # pruned meanwhile (Ray's own num_to_keep)
                 continue
