@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-faults test-heavy bench docs clean-venv
+.PHONY: venv demo test test-unit test-faults test-heavy bench docs clean-venv
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the fast part: no Ray, no subprocess, no DeepSpeed process group, no long computation
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration and not slow and not heavy"
 
 # the fault-injection suite alone, its heavy variants included (more kills, ZeRO-3, CPU-Adam offload)
 test-faults: $(STAMP)

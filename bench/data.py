@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment  # noqa: E402
 
-from mqscale.config import DataConfig  # noqa: E402
-from mqscale.data import fs  # noqa: E402
+from mqscale.core import storage  # noqa: E402
+from mqscale.data.config import DataConfig  # noqa: E402
 from mqscale.data.loader import StreamingLoader  # noqa: E402
 from mqscale.data.manifest import TOKENS_FORMAT  # noqa: E402
 from mqscale.data.tokens import TokenMeta, TokenShardWriter  # noqa: E402
@@ -69,8 +69,8 @@ def write_plain(base: str, data, shards: int, so=None) -> list[str]:
     codes, pos, labels = data
     urls = []
     for i, idx in enumerate(np.array_split(np.arange(len(codes)), shards)):
-        url = fs.join(base, f"plain-{i:06d}.tar")
-        with fs.atomic_writer(url, so) as f:
+        url = storage.join(base, f"plain-{i:06d}.tar")
+        with storage.atomic_writer(url, so) as f:
             w = wds.TarWriter(f)
             for j in idx:
                 w.write({"__key__": f"{j:09d}", "codes.npy": codes[j].astype(np.int16),
@@ -81,7 +81,7 @@ def write_plain(base: str, data, shards: int, so=None) -> list[str]:
 
 
 def total_bytes(base: str, prefix: str, so=None) -> int:
-    filesystem, path = fs.get_fs(base, so)
+    filesystem, path = storage.get_fs(base, so)
     return sum(filesystem.size(p) for p in filesystem.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith(prefix))
 
 
@@ -111,8 +111,9 @@ def time_plain_tokens(urls: list[str], batch: int) -> float:
 
 def time_plain_images(urls: list[str], batch: int, res: int) -> float:
     import webdataset as wds
-    from mqscale.data.images import resize_center_crop
     from PIL import Image
+
+    from mqscale.data.images import resize_center_crop
     crop = lambda a: np.asarray(resize_center_crop(Image.fromarray(a), res))  # noqa: E731
     ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8")
           .to_tuple("png;jpg", "cls").map_tuple(crop, int).batched(batch))
@@ -148,7 +149,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     ns = p.parse_args()
     torch.set_num_threads(1)
-    fs.register_webdataset_opener()
+    storage.register_webdataset_opener()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     tmp = tempfile.mkdtemp(prefix="mqscale-bench-")
@@ -171,7 +172,7 @@ def main() -> None:
         s3_plain = write_plain("s3://bench/plain", data, shards, so)
         s3cfg = DataConfig(**{**cfg.__dict__, "storage_options": so})
         res["tokens"]["ours_seq_per_s_s3"] = round(best_of(time_loader, "s3://bench/ours", s3cfg))
-        fs.register_webdataset_opener(so)   # plain webdataset opens s3:// through fsspec
+        storage.register_webdataset_opener(so)   # plain webdataset opens s3:// through fsspec
         res["tokens"]["plain_wds_seq_per_s_s3"] = round(best_of(time_plain_tokens, s3_plain, ns.batch))
     finally:
         proc.kill()

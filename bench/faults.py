@@ -34,27 +34,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment  # noqa: E402
+from _common import add_member, demo_data, environment, members_of, train  # noqa: E402
 
 COMMON = ["train.max_steps=15", "checkpoint.every_steps=3", "logging.tokenizer=", "logging.log_every=5",
           "checkpoint.keep_last=6"]
 
 
 def _weights_diff(a_run: Path, b_run: Path, work: Path) -> float:
-    from mqscale.convert.export import load_exported
-    from mqscale.export import export
+    from mqscale.train.config import STACKFORMER
+    from mqscale.train.export import export
     diffs = []
     for name, run in (("a", a_run), ("b", b_run)):
         export(str(run), str(work / f"exp-{name}"))
-    a, _ = load_exported(work / "exp-a")
-    b, _ = load_exported(work / "exp-b")
+    a, _ = STACKFORMER.load(work / "exp-a")
+    b, _ = STACKFORMER.load(work / "exp-b")
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         diffs.append((x - y).abs().max().item())
     return max(diffs)
 
 
 def kills(data: Path, work: Path, n: int) -> dict:
-    from tests.test_train_distributed import train
     clean = train(data, work / "clean", *COMMON)
     assert clean.returncode == 0, clean.stderr[-2000:]
     steps = [4 + 10 * i // n for i in range(n)]            # spread over steps 4..13
@@ -87,10 +86,8 @@ def kills(data: Path, work: Path, n: int) -> dict:
 def storage(data: Path, work: Path, rate: float) -> dict:
     import s3fs
 
-    from mqscale.tokenize import main as tokenize_main
-    from tests.fault.flaky_s3 import FlakyS3
-    from tests.loopback_s3 import loopback_s3
-    from tests.test_train_distributed import train
+    from mqscale.core.loopback_s3 import FlakyS3, loopback_s3
+    from mqscale.tokenize.__main__ import main as tokenize_main
     out = {"failure_rate": rate}
     with loopback_s3() as so:
         fs = s3fs.S3FileSystem(**so)
@@ -124,12 +121,12 @@ def storage(data: Path, work: Path, rate: float) -> dict:
                                "wall_s": round(flaky_s, 1), "wall_s_without_failures": round(direct_s, 1)}
             out["tokenization"] = {"requests": proxy.requests - train_requests,
                                    "transient_failures_survived": proxy.injected - train_failures}
-        from mqscale.convert.export import load_exported
-        from mqscale.export import export
+        from mqscale.train.config import STACKFORMER
+        from mqscale.train.export import export
         for name in ("direct", "flaky"):
             export(f"s3://bench/runs/{name}", str(work / f"s3exp-{name}"), so)
-        a, _ = load_exported(work / "s3exp-direct")
-        b, _ = load_exported(work / "s3exp-flaky")
+        a, _ = STACKFORMER.load(work / "s3exp-direct")
+        b, _ = STACKFORMER.load(work / "s3exp-flaky")
         out["training"]["weights_identical"] = all(
             (x == y).all().item() for x, y in zip(a.state_dict().values(), b.state_dict().values()))
         out["tokenization"]["shards_identical"] = sorted(v for v in direct_tok.values()) == sorted(
@@ -140,11 +137,10 @@ def storage(data: Path, work: Path, rate: float) -> dict:
 def poisoned_loader(work: Path) -> dict:
     import numpy as np
 
-    from mqscale.config import DataConfig
+    from mqscale.data.config import DataConfig
     from mqscale.data.loader import StreamingLoader
     from mqscale.data.synthetic import token_set
     from mqscale.data.tokens import TokenMeta, npy_bytes, npy_load
-    from tests.test_data_robustness import _add, members_of
     meta = TokenMeta(grid=8, codebook_size=256, seq_len=16, cond="class", n_classes=10, tokenizer_sha256="")
     base, rows, shards, chunk = work / "poisoned", 1000, 10, 100
     token_set(str(base), [rows] * shards, meta=meta, chunk=chunk)
@@ -165,7 +161,7 @@ def poisoned_loader(work: Path) -> dict:
                 members.append(("000000.evil.pkl", b"\x80\x04not-a-real-pickle."))
         with tarfile.open(shard, "w") as tf:
             for name, data in members:
-                _add(tf, name, data)
+                add_member(tf, name, data)
     cfg = DataConfig(batch_size=256, num_workers=0, shuffle=True)
     loader = StreamingLoader(str(base), cfg)
     t = time.perf_counter()
@@ -194,21 +190,22 @@ def one_rank():
 
 
 def checkpoint(work: Path) -> dict:
-    from mqscale.config import load_config
+    from mqscale.core.checkpoint import Checkpoint, checkpoint_name, local_files
+    from mqscale.core.session import StorageSession
     from mqscale.data.synthetic import token_set
     from mqscale.data.tokens import TokenMeta
-    from mqscale.models import param_count
-    from mqscale.train.checkpoint import TAG, Found, checkpoint_name, local_files
-    from mqscale.train.session import LauncherSession
+    from mqscale.models.stackformer.counting import param_count
+    from mqscale.train.config import load_train_config
+    from mqscale.train.engine import TAG
     from mqscale.train.trainer import Trainer
     meta = TokenMeta(grid=8, codebook_size=256, seq_len=16, cond="class", n_classes=10, tokenizer_sha256="")
     token_set(str(work / "tokens"), [64], meta=meta)
     over = [f"data.train_url={work / 'tokens'}", f"checkpoint.dir={work}", "name=ckpt", "logging.tokenizer=",
             "ray.num_workers=1", "data.batch_size=8", "model.n_embd=640", "model.n_head=10", "model.n_code_layer=4",
             "model.n_pos_layer=2", "train.max_steps=1", "deepspeed.zero_stage=1"]
-    cfg = load_config("configs/demo.yaml", over)
+    cfg = load_train_config("configs/demo.yaml", over)
     with one_rank():
-        t = Trainer(cfg, LauncherSession(str(work / "ckpt"), None, 3))
+        t = Trainer(cfg, StorageSession(str(work / "ckpt"), None, 3))
         t.fit()                                  # one step, so the optimizer holds its moments
         stage = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
         rounds = []
@@ -222,7 +219,7 @@ def checkpoint(work: Path) -> dict:
             c = time.perf_counter()
             url = t.store.upload(stage, checkpoint_name(100), list(files))
             d = time.perf_counter()
-            found = Found(url, 100, {"files": files})
+            found = Checkpoint(url, 100, {"files": files})
             e = time.perf_counter()
             why = t.store.verify(found)
             f = time.perf_counter()
@@ -260,8 +257,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as d, contextlib.redirect_stdout(sys.stderr):
         work = Path(d)
         if skip - {"data", "checkpoint"} != {"kills", "storage"}:
-            from tests.fault.conftest import build_fault_data
-            data = build_fault_data(work / "data")
+            data = demo_data(work / "data")
         if "kills" not in skip:
             out["kills"] = kills(data, work / "k", ns.kills)
         if "storage" not in skip:

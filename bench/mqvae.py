@@ -23,11 +23,10 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment  # noqa: E402
 
-from mqscale.models.mqvae import MQVAE  # noqa: E402
-from mqscale.models.vqgan import BOOKKEEPING  # noqa: E402
-from mqscale.tokenizer_config import load_tokenizer_config  # noqa: E402
-from mqscale.train.vqgan_loss import VQGANLoss  # noqa: E402
-
+from mqscale.models.mqvae.model import MQVAE  # noqa: E402
+from mqscale.models.mqvae.vqgan import BOOKKEEPING  # noqa: E402
+from mqscale.tokenizer.config import load_tokenizer_config  # noqa: E402
+from mqscale.tokenizer.loss import VQGANLoss  # noqa: E402
 
 # the backward of the bookkeeping's gathers and scatters runs outside the forward's label
 BACKWARD = {f"autograd::engine::evaluate_function: {op}" for op in

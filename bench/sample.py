@@ -38,10 +38,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, median_seconds  # noqa: E402
 
-from mqscale.config import load_config  # noqa: E402
-from mqscale.generate import ImageGenerator, SamplingSettings  # noqa: E402
-from mqscale.models import Stackformer, param_count  # noqa: E402
-from mqscale.sampling import SamplingParams  # noqa: E402
+from mqscale.generate.generator import ImageGenerator, SamplingSettings  # noqa: E402
+from mqscale.models.stackformer.counting import param_count
+from mqscale.models.stackformer.model import Stackformer  # noqa: E402
+from mqscale.models.stackformer.sampling import SamplingParams  # noqa: E402
+from mqscale.train.config import load_train_config  # noqa: E402
 
 TOPK = SamplingParams(temperature=1.0, top_k=100)
 SCALE = 2.0
@@ -50,9 +51,9 @@ QUICK = {"batches": "1,2", "lengths": "16,32,64", "scaling_batch": 2, "repeats":
 
 def run_config(path: str, overrides: list[str]):
     """The config with the condition dropout guidance needs (random weights: speed only)."""
-    cfg = load_config(path, overrides)
+    cfg = load_train_config(path, overrides)
     if cfg.model.cond != "none" and cfg.train.p_uncond <= 0:
-        cfg = load_config(path, overrides + ["train.p_uncond=0.1"])
+        cfg = load_train_config(path, overrides + ["train.p_uncond=0.1"])
     return cfg
 
 
@@ -65,8 +66,8 @@ def build_model(cfg, device: str) -> Stackformer:
 def shaped_tokenizer(path: str, m, device: str):
     """(MQ-VAE with random weights, its config) for the model's grid, codebook and L; or
     (None, reason) where that config cannot be shaped so."""
-    from mqscale.models.mqvae import MQVAE
-    from mqscale.tokenizer_config import load_tokenizer_config
+    from mqscale.models.mqvae.model import MQVAE
+    from mqscale.tokenizer.config import load_tokenizer_config
     factor = load_tokenizer_config(path).model.factor
     res = m.grid * factor
     tcfg = load_tokenizer_config(path, [f"model.resolution={res}", f"data.resolution={res}",

@@ -22,9 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, median_seconds  # noqa: E402
 
-from mqscale.config import load_config  # noqa: E402
-from mqscale.models import Stackformer, param_count  # noqa: E402
-from mqscale.sampling import SamplingParams, sample, sample_recompute  # noqa: E402
+from mqscale.models.stackformer.counting import param_count
+from mqscale.models.stackformer.model import Stackformer  # noqa: E402
+from mqscale.models.stackformer.sampling import SamplingParams, sample, sample_recompute  # noqa: E402
+from mqscale.train.config import load_train_config  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
     ns = p.parse_args()
     results = []
     for L in [int(x) for x in ns.lengths.split(",")]:
-        cfg = load_config(ns.config, [f"model.seq_len={L}"]).model
+        cfg = load_train_config(ns.config, [f"model.seq_len={L}"]).model
         torch.manual_seed(0)
         model = Stackformer(cfg).to(ns.device).eval()
         params = SamplingParams(temperature=1.0, top_k=100)

@@ -29,12 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, median_seconds  # noqa: E402
 
 from data_tools.make_shapes import write_shapes  # noqa: E402
-from mqscale.config import DataConfig  # noqa: E402
-from mqscale.convert.export import load_exported, save_exported  # noqa: E402
+from mqscale.data.config import DataConfig  # noqa: E402
 from mqscale.data.loader import StreamingLoader  # noqa: E402
 from mqscale.data.manifest import read_manifest  # noqa: E402
-from mqscale.models.mqvae import MQVAE  # noqa: E402
-from mqscale.tokenizer_config import load_tokenizer_config  # noqa: E402
+from mqscale.models.mqvae.model import MQVAE  # noqa: E402
+from mqscale.tokenizer.config import (
+    TOKENIZER,  # noqa: E402
+    load_tokenizer_config,  # noqa: E402
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +60,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mqscale-bench-tok-"))
     cfg = load_tokenizer_config("configs/mqvae/debug.yaml")
     torch.manual_seed(0)
-    save_exported(MQVAE(cfg.model).eval(), cfg, tmp / "tok")
+    TOKENIZER.save(MQVAE(cfg.model).eval(), cfg, tmp / "tok")
     write_shapes(str(tmp / "img"), ns.images, resolution=cfg.model.resolution, shard_size=ns.images // 4,
                  progress=False)
     runs = [tokenize(str(tmp / "tok"), str(tmp / "img"), str(tmp / f"out{w}"), w) for w in (0, 1, 2)]
@@ -66,7 +68,7 @@ def main() -> None:
     bytes_per_image = sum(s.bytes for s in m.shards) / m.total
     # the per-step comparison, on one core each way
     torch.set_num_threads(1)
-    model, _ = load_exported(str(tmp / "tok"))
+    model, _ = TOKENIZER.load(str(tmp / "tok"))
     x = torch.rand(ns.batch, 3, cfg.model.resolution, cfg.model.resolution) * 2 - 1
     encode_s, _ = median_seconds(lambda: model.encode(x), 5)
     loader = StreamingLoader(str(tmp / "out1"), DataConfig(batch_size=ns.batch, num_workers=0), pin_memory=False)

@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment  # noqa: E402
 
-from mqscale.config import load_config  # noqa: E402
 from mqscale.data.synthetic import token_set  # noqa: E402
 from mqscale.data.tokens import TokenMeta  # noqa: E402
-from mqscale.models import param_count, train_flops_per_token  # noqa: E402
+from mqscale.models.stackformer.counting import param_count, train_flops_per_token  # noqa: E402
+from mqscale.train.config import load_train_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def run(cfg_path: str, tokens: Path, work: Path, workers: int, cpus: float, step
     wall = time.perf_counter() - t
     if r.returncode:
         raise SystemExit(f"training failed with {workers} worker(s):\n{(r.stdout + r.stderr)[-20000:]}")
-    name = load_config(cfg_path).name
+    name = load_train_config(cfg_path).name
     tb = work / name / "tb"
     tok = read_scalars(tb, "perf/tokens_per_s")[1:]
     mfu = read_scalars(tb, "perf/mfu")[1:]
@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker; MFU from the datasheet peak")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     ns = p.parse_args()
-    cfg = load_config(ns.config, ns.overrides)
+    cfg = load_train_config(ns.config, ns.overrides)
     m = cfg.model
     meta = TokenMeta(grid=m.grid, codebook_size=m.codebook_size, seq_len=m.seq_len, cond=m.cond,
                      n_classes=m.n_classes, tokenizer_sha256="0" * 64)

@@ -18,8 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, median_seconds  # noqa: E402
 
-from mqscale.config import load_config  # noqa: E402
-from mqscale.models import Stackformer, param_count, train_flops_per_token  # noqa: E402
+from mqscale.models.stackformer.counting import param_count, train_flops_per_token
+from mqscale.models.stackformer.model import Stackformer  # noqa: E402
+from mqscale.train.config import load_train_config  # noqa: E402
 from mqscale.train.optim import param_groups  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per setting (median)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ns = p.parse_args()
-    cfg = load_config(ns.config).model
+    cfg = load_train_config(ns.config).model
     flops_tok = train_flops_per_token(cfg)
     results = []
     for precision in ("fp32", "bf16"):

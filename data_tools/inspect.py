@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from data_tools.scan import print_report, scan
-from mqscale.cli import add_storage_options_arg, guarded
+from mqscale.core.cli import add_storage_options_arg, guarded
 
 
 @guarded

@@ -15,10 +15,10 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mqscale.cli import add_storage_options_arg, guarded
+from mqscale.core.cli import add_storage_options_arg, guarded
 from mqscale.data.images import encode_image
 from mqscale.data.manifest import IMAGES_FORMAT
-from mqscale.data.tario import TarWriter
+from mqscale.data.tar import TarWriter
 from mqscale.data.writer import ShardJob, progress_tick, shard_name, write_shard_set
 
 KINDS = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "ellipse", "hexagon", "bar"]

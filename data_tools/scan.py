@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mqscale.data import fs
+from mqscale.core import storage
+from mqscale.core.storage import sha256_url
 from mqscale.data.images import decode_image_sample
 from mqscale.data.loader import Source, resolve_source
-from mqscale.data.manifest import read_manifest, sha256_url
-from mqscale.data.tario import ReadStats, iter_samples
+from mqscale.data.manifest import read_manifest
+from mqscale.data.tar import ReadStats, iter_samples
 from mqscale.data.tokens import HEADER_KEY, decode_chunk, mask_map, npy_load
 
 
@@ -86,7 +87,7 @@ def scan(url: str, storage_options: dict | None = None, check_sha: bool = False)
                 sha, size = sha256_url(shard.url, storage_options)
                 if sha != shas[name]:
                     rep.sha_mismatch.append(f"{name}: sha256 {sha[:12]}… != manifest {shas[name][:12]}…")
-            with fs.open_read(shard.url, storage_options) as f:
+            with storage.open_read(shard.url, storage_options) as f:
                 data_bytes = _scan_shard(f, shard, rep, meta)
         except OSError as e:
             rep.bad.append(f"{name}: unreadable ({e})")

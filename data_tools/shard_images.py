@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mqscale.cli import UserError, add_storage_options_arg, guarded
-from mqscale.data import fs
+from mqscale.core import storage
+from mqscale.core.cli import add_storage_options_arg, guarded
+from mqscale.core.errors import InputError
 from mqscale.data.images import IMAGE_EXTS, encode_image, load_rgb, resize_center_crop
 from mqscale.data.manifest import IMAGES_FORMAT
-from mqscale.data.tario import TarWriter
+from mqscale.data.tar import TarWriter
 from mqscale.data.writer import ShardJob, progress_tick, shard_name, write_shard_set
 
 IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTS)
@@ -49,13 +50,13 @@ def _is_image(p: str) -> bool:
     return p.lower().endswith(IMAGE_SUFFIXES)
 
 
-def discover(inp: str, kind: str, so: dict | None) -> tuple[list[Entry], list[str] | None, str]:
+def discover(inp: str, kind: str, storage_options: dict | None) -> tuple[list[Entry], list[str] | None, str]:
     """Entries in a deterministic (sorted) order, the class names, and the detected kind."""
-    filesystem, path = fs.get_fs(inp, so)
-    proto = fs.protocol(filesystem)
+    filesystem, path = storage.get_fs(inp, storage_options)
+    proto = storage.protocol(filesystem)
     url = (lambda p: p) if proto in ("file", "local") else (lambda p: f"{proto}://{p}")
     if not filesystem.exists(path):
-        raise UserError(f"{inp}: input not found")
+        raise InputError(f"{inp}: input not found")
     if kind == "auto":
         if filesystem.isfile(path):
             kind = "jsonl" if path.endswith(".jsonl") else "list"
@@ -87,9 +88,9 @@ def discover(inp: str, kind: str, so: dict | None) -> tuple[list[Entry], list[st
                 d = json.loads(ln)
                 entries.append(Entry(resolve(d["image"]), int(d.get("label", -1)), str(d.get("caption", ""))))
             except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{inp}:{n}: not an {{\"image\": ..., \"caption\": ...}} line ({e})") from None
+                raise InputError(f"{inp}:{n}: not an {{\"image\": ..., \"caption\": ...}} line ({e})") from None
         return entries, None, kind
-    raise UserError(f"input format {kind!r} is not one of auto, folder, classes, list, jsonl")
+    raise InputError(f"input format {kind!r} is not one of auto, folder, classes, list, jsonl")
 
 
 def inputs_sha256(entries: list[Entry]) -> str:
@@ -100,7 +101,7 @@ def inputs_sha256(entries: list[Entry]) -> str:
 
 
 def sample_members(key: str, e: Entry, opts: Options) -> list[tuple[str, bytes]]:
-    with fs.open_read(e.source, opts.storage_options) as f:
+    with storage.open_read(e.source, opts.storage_options) as f:
         raw = f.read()
     ext = e.source.rsplit(".", 1)[-1].lower()
     if opts.image_format == "keep" and not opts.resolution:
@@ -109,7 +110,7 @@ def sample_members(key: str, e: Entry, opts: Options) -> list[tuple[str, bytes]]
         try:
             img = load_rgb(raw)
         except (ValueError, OSError, SyntaxError) as err:  # PIL raises all three; bombs are ValueError
-            raise UserError(f"{e.source}: not a decodable image ({type(err).__name__}: {err})") from None
+            raise InputError(f"{e.source}: not a decodable image ({type(err).__name__}: {err})") from None
         if opts.resolution:
             img = resize_center_crop(img, opts.resolution)
         img_ext = "jpg" if opts.image_format == "keep" else opts.image_format
@@ -133,7 +134,7 @@ def produce(f, job: ShardJob) -> int:
     return len(entries)
 
 
-def plan(entries: list, per_shard: int, prefix: str, opts, key_of=lambda i: f"{i:09d}") -> list[ShardJob]:
+def plan_shards(entries: list, per_shard: int, prefix: str, opts, key_of=lambda i: f"{i:09d}") -> list[ShardJob]:
     jobs = []
     for s, lo in enumerate(range(0, len(entries), per_shard)):
         chunk = entries[lo:lo + per_shard]
@@ -172,21 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
 @guarded
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    so = ns.storage_options
-    entries, classes, kind = discover(ns.input, ns.input_format, so)
+    storage_options = ns.storage_options
+    entries, classes, kind = discover(ns.input, ns.input_format, storage_options)
     if not entries:
-        raise UserError(f"{ns.input}: no images found ({kind})")
+        raise InputError(f"{ns.input}: no images found ({kind})")
     if ns.seed >= 0:
         order = np.random.default_rng(ns.seed).permutation(len(entries))
         entries = [entries[i] for i in order]
-    opts = Options(ns.resolution, ns.image_format, ns.quality, so)
+    opts = Options(ns.resolution, ns.image_format, ns.quality, storage_options)
     per = samples_per_shard(entries, opts, ns.shard_mb) if ns.shard_mb else ns.shard_size
-    jobs = plan(entries, per, ns.prefix, opts)
+    jobs = plan_shards(entries, per, ns.prefix, opts)
     # Everything that decides a shard's bytes: a rerun keeps shards only when all of it is unchanged.
     meta = {"source": ns.input, "input_format": kind, "resolution": ns.resolution, "seed": ns.seed,
             "image_format": ns.image_format, "quality": ns.quality, "inputs_sha256": inputs_sha256(entries)}
     res = write_shard_set(ns.out, jobs, produce, fmt=IMAGES_FORMAT, classes=classes, meta=meta,
-                          workers=ns.workers, storage_options=so, progress=not ns.no_progress,
+                          workers=ns.workers, storage_options=storage_options, progress=not ns.no_progress,
                           created_by="data_tools.shard_images")
     print(f"{res.samples} images in {len(jobs)} shards -> {res.manifest_url} "
           f"(written {res.written}, kept {res.kept}{res.note()}; {res.items_per_s:.0f} images/s)")

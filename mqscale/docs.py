@@ -1,15 +1,28 @@
-"""python -m mqscale.docs: regenerate the README's config reference from the dataclasses."""
+"""python -m mqscale.docs: regenerate the reference tables in docs/ from the code.
+
+Each table sits between ``<!-- name:start -->`` and ``<!-- name:end -->`` in one file of docs/:
+the config keys of every run config (from the dataclasses: type, default, range, meaning), the
+renamed keys (from each root's ``RENAMED``), and the model sizes and scaling plan of the named
+Stackformer configs (``mqscale.plan`` at its defaults). A test keeps them current.
+"""
 from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from mqscale.config import REPO_ROOT, Config, to_dict
+from mqscale.core.config import REPO_ROOT, to_dict
+from mqscale.evaluate.config import EvalRunConfig
+from mqscale.models.stackformer.counting import param_count, train_flops_per_token
+from mqscale.tokenizer.config import TokenizerRunConfig
+from mqscale.train.config import Config, load_train_config
+from mqscale.train.plan import plan
+
+DOCS = REPO_ROOT / "docs"
+SIZES = ("debug", "307m", "607m", "1.4b", "3b", "7b")
 
 
 def _type_name(tp: Any) -> str:
@@ -23,39 +36,40 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def reference_markdown(root: type = Config) -> str:
-    """The config reference table of a run config class for the README (kept in sync by a test)."""
+def reference_markdown(root: type) -> str:
+    """Every key of a run config class: type, default (as the root declares it), range, meaning."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    hints_of = typing.get_type_hints
+    defaults = root()
     for sec in dataclasses.fields(root):
-        cls = hints_of(root)[sec.name]
+        cls = typing.get_type_hints(root)[sec.name]
         if not dataclasses.is_dataclass(cls):
             lines.append(f"| `{sec.name}` | {cls.__name__} | `{sec.default}` | {sec.metadata.get('doc', '')} |")
             continue
-        hints = hints_of(cls)
+        hints, section = typing.get_type_hints(cls), getattr(defaults, sec.name)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            tp = _type_name(hints[f.name])
-            rng = ", ".join(f"{op} {f.metadata[k]}" for k, op in
-                            (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+            rng = ", ".join(f"{op} {f.metadata[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
                             if f.metadata.get(k) is not None)
             doc = f.metadata.get("doc", "") + (f" ({rng})" if rng else "")
-            lines.append(f"| `{sec.name}.{f.name}` | {tp} | `{to_dict(default)}` | {doc} |")
+            lines.append(f"| `{sec.name}.{f.name}` | {_type_name(hints[f.name])} | "
+                         f"`{to_dict(getattr(section, f.name))}` | {doc} |")
     return "\n".join(lines)
 
 
-SIZES = ("debug", "307m", "607m", "1.4b", "3b", "7b")
+def renamed_markdown() -> str:
+    """The old key names that still load (with one deprecation line each) and what they mean now."""
+    lines = ["| run config | old key | now |", "|---|---|---|"]
+    for what, root in (("Stackformer", Config), ("tokenizer", TokenizerRunConfig)):
+        lines += [f"| {what} | `{old}` | `{new}` |" for old, new in root.RENAMED.items()]
+    return "\n".join(lines)
 
 
 def scaling_table() -> str:
     """What fits where and how fast (``mqscale.plan`` at its defaults: 80 GB GPUs, 40% MFU of an
     H100's dense bf16 peak, one ImageNet epoch), for the six named Stackformer configs."""
-    from mqscale.config import load_config
-    from mqscale.plan import plan
     lines = ["| config | params | GFLOP/token | fits on 1 GPU | fits on 8 GPUs | tokens/s, 8 GPUs | "
              "hours/epoch, 8 GPUs | hours/epoch, 64 GPUs |", "|---|---|---|---|---|---|---|---|"]
     for size in SIZES:
-        cfg = load_config(f"configs/stackformer/{size}.yaml")
+        cfg = load_train_config(f"configs/stackformer/{size}.yaml")
         one, eight, many = plan(cfg, 1, 80.0), plan(cfg, 8, 80.0), plan(cfg, 8, 80.0, nodes=8)
         params = one["params"] / 1e6
         lines.append(f"| {size} | {params:,.{1 if params < 10 else 0}f}M | {one['train_flops_per_token'] / 1e9:.2f} | "
@@ -67,12 +81,10 @@ def scaling_table() -> str:
 
 def sizes_table() -> str:
     """Depth, width, heads, parameters and FLOPs of the six named Stackformer configs."""
-    from mqscale.config import load_config
-    from mqscale.models import param_count, train_flops_per_token
     lines = ["| config | code + position layers | width | heads | head dim | parameters | train GFLOPs/token |",
              "|---|---|---|---|---|---|---|"]
     for size in SIZES:
-        m = load_config(f"configs/stackformer/{size}.yaml").model
+        m = load_train_config(f"configs/stackformer/{size}.yaml").model
         lines.append(f"| `{size}` | {m.n_code_layer} + {m.n_pos_layer} | {m.n_embd} | {m.n_head} | "
                      f"{m.n_embd // m.n_head} | {param_count(m):,} | {train_flops_per_token(m) / 1e9:.2f} |")
     return "\n".join(lines)
@@ -83,29 +95,39 @@ def _fixed(x: float, digits: int) -> str:
     return f"{x:.{digits}f}" if x >= 0.5 * 10 ** -digits else f"< {10 ** -digits:.{digits}f}"
 
 
-def tables() -> dict[str, str]:
-    from mqscale.tokenizer_config import TokenizerRunConfig
-    return {"config-reference": reference_markdown(Config),
-            "tokenizer-config-reference": reference_markdown(TokenizerRunConfig),
-            "scaling-plan": scaling_table(), "model-sizes": sizes_table()}
+def tables() -> dict[str, dict[str, str]]:
+    """{file in docs/: {block name: table}}."""
+    return {"config.md": {"config-reference": reference_markdown(Config),
+                          "tokenizer-config-reference": reference_markdown(TokenizerRunConfig),
+                          "eval-config-reference": reference_markdown(EvalRunConfig),
+                          "renamed-keys": renamed_markdown()},
+            "scaling.md": {"model-sizes": sizes_table(), "scaling-plan": scaling_table()}}
 
 
-def readme_block(text: str, name: str = "config-reference") -> str:
+def block(text: str, name: str) -> str:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     m = re.search(re.escape(start) + r"\n(.*?)\n" + re.escape(end), text, flags=re.S)
     return m.group(1) if m else ""
 
 
-def update(path: Path) -> bool:
-    text = new = path.read_text()
-    for name, table in tables().items():
-        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-        new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{table}\n{end}",
-                     new, flags=re.S)
-    path.write_text(new)
-    return new != text
+def update(docs: Path = DOCS) -> list[str]:
+    """Rewrite every block; returns the files that changed."""
+    changed = []
+    for fname, blocks in tables().items():
+        path = docs / fname
+        text = new = path.read_text()
+        for name, table in blocks.items():
+            start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+            if start not in new:
+                raise SystemExit(f"{path}: no {start} block")
+            new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{table}\n{end}",
+                         new, flags=re.S)
+        if new != text:
+            path.write_text(new)
+            changed.append(fname)
+    return changed
 
 
 if __name__ == "__main__":
-    changed = update(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO_ROOT / "README.md")
-    print("README config reference " + ("updated" if changed else "already current"))
+    changed = update()
+    print(f"docs: {', '.join(changed)} updated" if changed else "docs: already current")

@@ -6,40 +6,43 @@ import pickle
 from pathlib import Path
 
 import torch
+import yaml
 
-from mqscale.cli import UserError, guarded
+from mqscale.convert.official import full_config, load_mqvae, load_stackformer
+from mqscale.core.cli import guarded
+from mqscale.core.config import from_dict, to_dict
+from mqscale.core.errors import ConversionError
+from mqscale.tokenizer.config import TOKENIZER, TokenizerRunConfig
+from mqscale.train.config import STACKFORMER
 
 
 def load_checkpoint(src: Path, trust_pickle: bool) -> dict:
     """Load a torch checkpoint without unpickling code unless the user vouches for the file."""
     if not src.is_file():
-        raise UserError(f"{src}: no such checkpoint file")
+        raise ConversionError(f"{src}: no such checkpoint file")
     try:
         # Trust boundary: full unpickling only when the user passes --trust-pickle for this file.
         obj = torch.load(src, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UserError(f"{src}: holds pickled Python objects beyond tensors ({reason[:160]}); "
-                        "it needs trust: rerun with --trust-pickle only if you trust its origin") from None
+        raise ConversionError(f"{src}: holds pickled Python objects beyond tensors ({reason[:160]}); "
+                              "it needs trust: rerun with --trust-pickle only if you trust its origin") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{src}: cannot read as a torch checkpoint ({str(e).splitlines()[0][:160]})") from None
+        raise ConversionError(f"{src}: cannot read as a torch checkpoint ({str(e).splitlines()[0][:160]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{src}: holds no state dict of tensors")
+        raise ConversionError(f"{src}: holds no state dict of tensors")
     return obj
 
 
 def official_stackformer(ns: argparse.Namespace) -> int:
-    from mqscale.convert.export import save_exported
-    from mqscale.convert.official import full_config, load_stackformer
-
     sd = load_checkpoint(Path(ns.src), ns.trust_pickle)
     model = load_stackformer(sd, n_classes=ns.n_classes, codebook_size=ns.codebook_size,
                              grid_size=ns.grid_size, n_head=ns.n_head, order=ns.order,
                              seq_len=ns.seq_len)
     cfg = full_config(model.cfg)
-    out = save_exported(model, cfg, ns.out_dir, source=f"official:{Path(ns.src).name}")
+    out = STACKFORMER.save(model, cfg, ns.out_dir, source=f"official:{Path(ns.src).name}")
     m = model.cfg
     print(f"converted {ns.src} -> {out}: {m.n_code_layer} code + {m.n_pos_layer} position layers, "
           f"width {m.n_embd}, block {m.block_size}, {sum(p.numel() for p in model.parameters()):,} params")
@@ -47,22 +50,15 @@ def official_stackformer(ns: argparse.Namespace) -> int:
 
 
 def official_mqvae(ns: argparse.Namespace) -> int:
-    import yaml
-
-    from mqscale.convert.export import save_exported
-    from mqscale.convert.official_mqvae import load_mqvae
-    from mqscale.tokenizer_config import TokenizerRunConfig
-    from mqscale.config import from_dict, to_dict
-
     sd = load_checkpoint(Path(ns.src), ns.trust_pickle)
     try:
         params = yaml.safe_load(Path(ns.config).read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"{ns.config}: cannot read the official YAML ({e})") from None
+        raise ConversionError(f"{ns.config}: cannot read the official YAML ({e})") from None
     model = load_mqvae(sd, params or {})
     run = from_dict({"name": "official-mqvae", "model": to_dict(model.cfg),
-                     "data": {"resolution": model.cfg.resolution}}, "official config", root=TokenizerRunConfig)
-    out = save_exported(model, run, ns.out_dir, source=f"official:{Path(ns.src).name}")
+                     "data": {"resolution": model.cfg.resolution}}, "official config", TokenizerRunConfig)
+    out = TOKENIZER.save(model, run, ns.out_dir, source=f"official:{Path(ns.src).name}")
     c = model.cfg
     print(f"converted {ns.src} -> {out}: {c.resolution}px, f={c.factor}, grid {c.grid}x{c.grid}, keep {c.keep}, "
           f"codebook {c.codebook_size}x{c.codebook_dim}")

@@ -23,9 +23,14 @@ import re
 
 import torch
 
-from mqscale.cli import UserError
-from mqscale.config import Config, ModelConfig, from_dict, to_dict
-from mqscale.models import Stackformer
+from mqscale.convert.official_mqvae import load_mqvae
+from mqscale.core.config import from_dict, to_dict
+from mqscale.core.errors import ConversionError
+from mqscale.models.stackformer.args import ModelConfig
+from mqscale.models.stackformer.model import Stackformer
+from mqscale.train.config import Config
+
+__all__ = ["load_stackformer", "load_mqvae", "official_model_config", "convert_state_dict", "full_config"]
 
 PREFIX = "transformer."
 _BLOCK = re.compile(r"^(value|position)_transformer\.(\d+)\.")
@@ -44,13 +49,13 @@ def strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def _layers(sd: dict, stack: str) -> int:
     idx = {int(m.group(2)) for k in sd if (m := _BLOCK.match(k)) and m.group(1) == stack}
     if idx != set(range(len(idx))):
-        raise UserError(f"official state dict: {stack}_transformer blocks are not numbered 0..n-1")
+        raise ConversionError(f"official state dict: {stack}_transformer blocks are not numbered 0..n-1")
     return len(idx)
 
 
 def _need(sd: dict, key: str) -> torch.Tensor:
     if key not in sd:
-        raise UserError(f"official state dict: missing {key!r} (is this an official Stackformer?)")
+        raise ConversionError(f"official state dict: missing {key!r} (is this an official Stackformer?)")
     return sd[key]
 
 
@@ -60,14 +65,14 @@ def official_model_config(sd: dict, *, n_classes: int, codebook_size: int, grid_
     """Infer depth, width and block size from the weights; the rest comes from the caller."""
     side = math.isqrt(grid_size)
     if side * side != grid_size:
-        raise UserError(f"grid_size {grid_size} is not a square grid's cell count (e.g. 1024 = 32x32)")
+        raise ConversionError(f"grid_size {grid_size} is not a square grid's cell count (e.g. 1024 = 32x32)")
     value_emb = _need(sd, "value_emb.weight")
     pos_table = _need(sd, "value_pos_emb.weight")
     if value_emb.shape[0] != n_classes + codebook_size:
-        raise UserError(f"official value_emb has {value_emb.shape[0]} rows, not n_classes + "
+        raise ConversionError(f"official value_emb has {value_emb.shape[0]} rows, not n_classes + "
                         f"codebook_size = {n_classes} + {codebook_size}")
     if pos_table.shape[0] != grid_size + 1:
-        raise UserError(f"official value_pos_emb has {pos_table.shape[0]} rows, not grid_size + 1 "
+        raise ConversionError(f"official value_pos_emb has {pos_table.shape[0]} rows, not grid_size + 1 "
                         f"= {grid_size + 1}")
     n_embd = value_emb.shape[1]
     abs_pos = "pos_emb" in sd
@@ -77,7 +82,7 @@ def official_model_config(sd: dict, *, n_classes: int, codebook_size: int, grid_
         n_embd=n_embd, n_head=n_head, dropout=dropout, codebook_size=codebook_size, grid=side,
         seq_len=seq_len or min(block_size, grid_size), block_size=block_size, cond="class",
         n_classes=n_classes, abs_pos=abs_pos)}
-    return from_dict(data, "official checkpoint").model
+    return from_dict(data, "official checkpoint", Config).model
 
 
 def convert_state_dict(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -113,7 +118,7 @@ def convert_state_dict(sd: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             used.add(f"{src}attn.mask")  # the official causal-mask buffer: we never store one
     unknown = sorted(set(sd) - used)
     if unknown:
-        raise UserError(f"official state dict has keys this converter does not know: {unknown[:4]}")
+        raise ConversionError(f"official state dict has keys this converter does not know: {unknown[:4]}")
     return {k: v.detach().float().contiguous() for k, v in out.items()}
 
 
@@ -134,13 +139,4 @@ def load_stackformer(state_dict: dict[str, torch.Tensor], *, n_classes: int, cod
 
 
 def full_config(model_cfg: ModelConfig, name: str = "official-stackformer") -> Config:
-    return from_dict({"name": name, "model": to_dict(model_cfg)}, "official checkpoint")
-
-
-def __getattr__(name: str):
-    """``load_mqvae`` lives in official_mqvae.py; resolve it lazily so that importing this module
-    (the Stackformer converter) neither loads the tokenizer stack nor risks an import cycle."""
-    if name == "load_mqvae":
-        from mqscale.convert.official_mqvae import load_mqvae
-        return load_mqvae
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return from_dict({"name": name, "model": to_dict(model_cfg)}, "official checkpoint", Config)

@@ -20,10 +20,11 @@ import re
 
 import torch
 
-from mqscale.cli import UserError
-from mqscale.config import from_dict
-from mqscale.models.mqvae import MQVAE
-from mqscale.tokenizer_config import MQVAEConfig, TokenizerRunConfig
+from mqscale.core.config import from_dict
+from mqscale.core.errors import ConversionError
+from mqscale.models.mqvae.args import MQVAEConfig
+from mqscale.models.mqvae.model import MQVAE
+from mqscale.tokenizer.config import TokenizerRunConfig
 
 _RULES = [
     (re.compile(r"^masker\.score_pred_net\."), "masker.score_net."),
@@ -37,9 +38,9 @@ def _params(config: dict, name: str) -> dict:
     try:
         p = config[name]["params"]
     except (KeyError, TypeError):
-        raise UserError(f"official config: missing {name}.params") from None
+        raise ConversionError(f"official config: missing {name}.params") from None
     if not isinstance(p, dict):
-        raise UserError(f"official config: {name}.params is not a mapping")
+        raise ConversionError(f"official config: {name}.params is not a mapping")
     return p
 
 
@@ -50,10 +51,10 @@ def official_mqvae_config(config: dict) -> MQVAEConfig:
     msk, dem, vq = (_params(config, k) for k in ("masker_config", "demasker_config", "vqconfig"))
     for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution"):
         if list(map(int, _as_list(enc.get(k)))) != list(map(int, _as_list(dec.get(k)))):
-            raise UserError(f"official config: encoder and decoder differ in {k} "
+            raise ConversionError(f"official config: encoder and decoder differ in {k} "
                             f"({enc.get(k)} vs {dec.get(k)}); mqscale builds them from one setting")
     if enc.get("double_z", False):
-        raise UserError("official config: encoder double_z=true is not an MQ-VAE encoder")
+        raise ConversionError("official config: encoder double_z=true is not an MQ-VAE encoder")
     data = {"model": {
         "resolution": int(enc["resolution"]), "in_channels": int(enc.get("in_channels", 3)),
         "ch": int(enc["ch"]), "ch_mult": [int(m) for m in enc["ch_mult"]],
@@ -66,7 +67,7 @@ def official_mqvae_config(config: dict) -> MQVAEConfig:
         "restart_unused": bool(vq.get("restart_unused_codes", True)),
         "demask_layers": int(dem["n_layer"]), "mask_init": float(dem.get("mask_init_value", 0.02)),
     }, "data": {"resolution": int(enc["resolution"])}}
-    cfg = from_dict(data, "official config", root=TokenizerRunConfig).model
+    cfg = from_dict(data, "official config", TokenizerRunConfig).model
     checks = [("masker input_token_num", int(msk["input_token_num"]), cfg.grid ** 2),
               ("masker input_dim", int(msk["input_dim"]), cfg.latent_channels),
               ("masker codebook_dim", int(msk.get("codebook_dim", cfg.codebook_dim)), cfg.codebook_dim),
@@ -75,7 +76,7 @@ def official_mqvae_config(config: dict) -> MQVAEConfig:
               ("demasker height_and_width", int(dem["height_and_width"]), cfg.grid)]
     for what, got, want in checks:
         if got != want:
-            raise UserError(f"official config: {what} is {got}, the encoder implies {want}")
+            raise ConversionError(f"official config: {what} is {got}, the encoder implies {want}")
     return cfg
 
 
@@ -102,7 +103,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], cfg: MQVAEConfig) -> dict[st
             elif name == "embed_ema":
                 out["quantize.embed_sum"] = v
             else:
-                raise UserError(f"official state dict: unknown quantizer key {k!r}")
+                raise ConversionError(f"official state dict: unknown quantizer key {k!r}")
             continue
         for pat, rep in _RULES:
             k = pat.sub(rep, k)
@@ -116,6 +117,6 @@ def load_mqvae(state_dict: dict[str, torch.Tensor], config: dict) -> MQVAE:
     model = MQVAE(cfg)
     missing, unexpected = model.load_state_dict(convert_state_dict(state_dict, cfg), strict=False)
     if missing or unexpected:
-        raise UserError(f"official MQ-VAE state dict does not fit its config: missing {sorted(missing)[:4]}, "
+        raise ConversionError(f"official MQ-VAE state dict does not fit its config: missing {sorted(missing)[:4]}, "
                         f"unexpected {sorted(unexpected)[:4]}")
     return model.eval()

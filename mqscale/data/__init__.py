@@ -1,1 +1,2 @@
-"""Data layer: token shard format, shard lists, resumable streaming loader (issue #3)."""
+"""The data layer: the shard formats (images, compact token chunks), manifests, shard-set writing,
+and the resumable exactly-once streaming loader over any fsspec URL."""

@@ -1,7 +1,7 @@
 """The streaming loader: shards on any fsspec URL -> fixed-size batches, exactly once, resumable.
 
 Each rank builds one ``StreamingLoader``. Its DataLoader workers each own one *slot* of the
-plan (``mqscale.data.plan``); torch's DataLoader takes batches from workers round-robin, so
+partition (``mqscale.data.partition``); torch's DataLoader takes batches from workers round-robin, so
 batch k of a rank is batch k // W of worker k % W. The loader counts the batches it has handed
 out; that count and the epoch are the whole resume state. A fresh loader given that state
 rotates which physical worker plays which slot, so the first batch it yields is exactly the
@@ -23,15 +23,17 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mqscale.config import DataConfig
-from mqscale.data import fs
-from mqscale.data.manifest import FORMATS, ManifestError, base_of, manifest_url, read_manifest
-from mqscale.data.plan import (Shard, batches_per_slot, resampled_segments, segments, shard_order,
-                               slot_range)
+from mqscale.core import storage
+from mqscale.core.errors import ManifestError
+from mqscale.core.images import from_uint8
+from mqscale.data.config import DataConfig
+from mqscale.data.manifest import FORMATS, base_of, manifest_url, read_manifest
+from mqscale.data.partition import Shard, batches_per_slot, resampled_segments, segments, shard_order, slot_range
 from mqscale.data.reader import ReaderSpec, ShardReader, batches, shuffled_rows
-from mqscale.data.tario import ReadStats, iter_samples
+from mqscale.data.tar import ReadStats, iter_samples
 from mqscale.data.tokens import HEADER_KEY, TokenMeta
 
 STATE_VERSION = 1
@@ -57,13 +59,12 @@ class Source:
 
 
 def expand(pattern: str) -> list[str]:
-    from braceexpand import braceexpand
     return list(braceexpand(pattern))
 
 
 def resolve_source(url: str, kind: str = "auto", storage_options: dict | None = None) -> Source:
     """A manifest (file or directory) or a brace pattern of shards."""
-    fs.check_url(url)
+    storage.check_url(url)
     if "{" not in url:
         m = read_manifest(url, storage_options)
         base = base_of(manifest_url(url))
@@ -71,7 +72,7 @@ def resolve_source(url: str, kind: str = "auto", storage_options: dict | None = 
             raise ManifestError(f"{url}: holds {m.kind} shards, the config asks for {kind}")
         shards, off = [], 0
         for info in m.shards:
-            shards.append(Shard(fs.join(base, info.name), info.n, off))
+            shards.append(Shard(storage.join(base, info.name), info.n, off))
             off += info.n
         meta = TokenMeta.from_dict(m.meta) if m.kind == "tokens" else None
         return Source(shards, m.kind, meta, m.classes)
@@ -83,7 +84,7 @@ def _scan_pattern(urls: list[str], kind: str, storage_options: dict | None) -> S
     shards, off, meta = [], 0, None
     for u in urls:
         stats = ReadStats()
-        with fs.open_read(u, storage_options) as f:
+        with storage.open_read(u, storage_options) as f:
             samples = iter_samples(f, u, stats)
             first = next(samples, None)
             k = "tokens" if first is not None and first[0] == HEADER_KEY else "images"
@@ -258,4 +259,20 @@ class StreamingLoader:
         self._live = {}
 
 
-__all__ = ["StreamingLoader", "Source", "resolve_source", "FORMATS"]
+def iter_images(url: str, resolution: int, n: int, batch_size: int,
+                storage_options: dict | None = None) -> Iterator[torch.Tensor]:
+    """The first ``n`` decodable images of an image shard set, in shard order (so two models are
+    measured on the same images), as float [-1, 1] batches [b, 3, H, W] on the CPU."""
+    loader = StreamingLoader(url, DataConfig(kind="images", batch_size=batch_size, num_workers=0, shuffle=False,
+                                             resolution=resolution, storage_options=storage_options or {}))
+    left = n
+    for batch in loader:
+        x = from_uint8(batch["images"])[batch["mask"]][:left]
+        if len(x):
+            left -= len(x)
+            yield x
+        if left <= 0:
+            return
+
+
+__all__ = ["StreamingLoader", "Source", "resolve_source", "iter_images", "FORMATS"]

@@ -7,22 +7,18 @@ exists describes a complete set; its absence means the writer has not finished.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mqscale.data import fs
-from mqscale.data.tario import unsafe_name
+from mqscale.core import storage
+from mqscale.core.errors import ManifestError
+from mqscale.core.storage import unsafe_name
 
 MANIFEST_NAME = "manifest.json"
 IMAGES_FORMAT = "mqscale-images/1"
 TOKENS_FORMAT = "mqscale-tokens/1"
 FORMATS = {IMAGES_FORMAT: "images", TOKENS_FORMAT: "tokens"}
-
-
-class ManifestError(ValueError):
-    """A manifest that is missing, malformed or from another format; the message names the URL."""
 
 
 @dataclass
@@ -54,7 +50,7 @@ class Manifest:
 
 
 def manifest_url(base: str) -> str:
-    return base if base.endswith(".json") else fs.join(base, MANIFEST_NAME)
+    return base if base.endswith(".json") else storage.join(base, MANIFEST_NAME)
 
 
 def base_of(manifest_url_: str) -> str:
@@ -63,14 +59,14 @@ def base_of(manifest_url_: str) -> str:
 
 def write_manifest(base: str, manifest: Manifest, storage_options: dict | None = None) -> str:
     url = manifest_url(base)
-    fs.write_bytes(url, manifest.to_json().encode(), storage_options)
+    storage.write_bytes(url, manifest.to_json().encode(), storage_options)
     return url
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
     url = manifest_url(url)
     try:
-        raw = fs.read_bytes(url, storage_options)
+        raw = storage.read_bytes(url, storage_options)
     except FileNotFoundError:
         raise ManifestError(f"{url}: no manifest (a shard writer writes it last; is the set complete?)") from None
     try:
@@ -88,16 +84,3 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
         raise
     except (ValueError, KeyError, TypeError) as e:
         raise ManifestError(f"{url}: malformed manifest ({type(e).__name__}: {e})") from None
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_url(url: str, storage_options: dict | None = None) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
-    with fs.open_read(url, storage_options) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n

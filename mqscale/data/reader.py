@@ -15,17 +15,14 @@ from typing import Iterator
 
 import numpy as np
 
-from mqscale.data import fs
+from mqscale.core import storage
+from mqscale.core.errors import ShardReadError, StorageError
 from mqscale.data.images import IMAGE_EXTS, TEXT_EXTS, decode_image_sample
-from mqscale.data.plan import Shard, window_permutation
-from mqscale.data.tario import ReadStats, iter_samples
+from mqscale.data.partition import Shard, window_permutation
+from mqscale.data.tar import ReadStats, iter_samples
 from mqscale.data.tokens import HEADER_KEY, TokenMeta, decode_chunk
 
 Block = dict[str, np.ndarray]
-
-
-class ShardReadError(RuntimeError):
-    """A shard that cannot be read and the config says to fail; the message names it."""
 
 
 def concat(blocks: list[Block]) -> Block:
@@ -77,7 +74,7 @@ class ShardReader:
         """Blocks covering exactly rows [start, end) of ``shard``."""
         done = start
         try:
-            f = fs.open_read(shard.url, self.spec.storage_options)
+            f = storage.open_read(shard.url, self.spec.storage_options)
         except (OSError, ValueError) as e:
             self._unreadable(shard, e)
             yield self.holes(end - start)
@@ -113,7 +110,7 @@ class ShardReader:
             yield self.holes(end - done)
 
     def _unreadable(self, shard: Shard, e: Exception) -> None:
-        why = str(e).removeprefix(f"{shard.url}: ") if isinstance(e, fs.StorageError) \
+        why = str(e).removeprefix(f"{shard.url}: ") if isinstance(e, StorageError) \
             else f"{type(e).__name__}: {e}"
         if self.spec.on_shard_error == "fail":
             raise ShardReadError(f"shard {shard.url}: cannot be read ({why})") from None

@@ -32,7 +32,7 @@ from typing import IO
 import numpy as np
 
 from mqscale.data.manifest import TOKENS_FORMAT
-from mqscale.data.tario import ReadStats, TarWriter
+from mqscale.data.tar import ReadStats, TarWriter
 
 HEADER_KEY = "header"
 

@@ -1,12 +1,12 @@
 """Writing a shard set: each shard committed atomically, reruns skip verified shards, manifest last.
 
-Used by ``data_tools.shard_images``, ``data_tools.make_shapes`` and (later) the tokenize stage.
+Used by ``data_tools.shard_images``, ``data_tools.make_shapes`` and synthetic token sets.
 A caller describes the set as a plan: shard i holds a known list of items, in a deterministic
 order. ``write_shard_set`` then, for each shard:
 
 - if a shard already sits under the final name and holds exactly the planned keys (and, when a
   previous manifest exists, the same sha256), keeps it untouched;
-- otherwise writes it through ``fs.atomic_writer`` (temporary name + rename, or one completed
+- otherwise writes it through ``storage.atomic_writer`` (temporary name + rename, or one completed
   upload), so a crash leaves no half shard under a final name;
 
 and writes ``manifest.json`` only after every shard is in place.
@@ -29,10 +29,12 @@ import queue
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from mqscale.data import fs
-from mqscale.data.manifest import (Manifest, ManifestError, ShardInfo, manifest_url, read_manifest,
-                                   sha256_url, write_manifest)
-from mqscale.data.tario import Progress, ReadStats, iter_samples
+from mqscale.core import storage
+from mqscale.core.console import Progress
+from mqscale.core.errors import ManifestError
+from mqscale.core.storage import sha256_url
+from mqscale.data.manifest import Manifest, ShardInfo, manifest_url, read_manifest, write_manifest
+from mqscale.data.tar import ReadStats, iter_samples
 
 PENDING_NAME = ".pending-manifest.json"   # the settings of a run that has not written its manifest
 
@@ -116,7 +118,7 @@ def holds_exactly(url: str, keys: list[str], storage_options: dict | None) -> bo
     """A complete shard: a readable tar whose sample keys are exactly ``keys``, in order."""
     stats = ReadStats()
     try:
-        with fs.open_read(url, storage_options) as f:
+        with storage.open_read(url, storage_options) as f:
             got = [k for k, _ in iter_samples(f, url, stats)]
     except (OSError, ValueError):
         return False
@@ -125,8 +127,8 @@ def holds_exactly(url: str, keys: list[str], storage_options: dict | None) -> bo
 
 def clean_stale_temporaries(base: str, storage_options: dict | None) -> int:
     """Remove temporary files a killed writer left (hidden ``.name.tmp-*``); they are never read."""
-    filesystem, path = fs.get_fs(base, storage_options)
-    if fs.protocol(filesystem) in fs.OBJECT_STORES or not filesystem.exists(path):
+    filesystem, path = storage.get_fs(base, storage_options)
+    if storage.protocol(filesystem) in storage.OBJECT_STORES or not filesystem.exists(path):
         return 0
     stale = [p for p in filesystem.ls(path, detail=False)
              if posixpath.basename(p).startswith(".") and ".tmp-" in posixpath.basename(p)]
@@ -158,7 +160,7 @@ def _previous(base: str, storage_options: dict | None) -> tuple[dict | None, dic
     except ManifestError:
         shards, recorded = {}, None
     try:  # a killed run's settings are newer than any manifest it left
-        return json.loads(fs.read_bytes(fs.join(base, PENDING_NAME), storage_options)), shards, True
+        return json.loads(storage.read_bytes(storage.join(base, PENDING_NAME), storage_options)), shards, True
     except FileNotFoundError:
         return recorded, shards, False
     except ValueError:  # an unreadable record vouches for nothing
@@ -166,7 +168,7 @@ def _previous(base: str, storage_options: dict | None) -> tuple[dict | None, dic
 
 
 def _remove(url: str, storage_options: dict | None) -> None:
-    filesystem, path = fs.get_fs(url, storage_options)
+    filesystem, path = storage.get_fs(url, storage_options)
     if filesystem.exists(path):
         filesystem.rm(path)
 
@@ -174,8 +176,8 @@ def _remove(url: str, storage_options: dict | None) -> None:
 def _run_job(produce: Callable, job: ShardJob, base: str, storage_options: dict | None) -> ShardInfo:
     global _job_index
     _job_index = job.index
-    url = fs.join(base, job.name)
-    with fs.atomic_writer(url, storage_options) as f:
+    url = storage.join(base, job.name)
+    with storage.atomic_writer(url, storage_options) as f:
         n = produce(f, job)
     if n != job.samples:
         raise RuntimeError(f"{url}: wrote {n} samples, planned {job.samples}")
@@ -190,7 +192,7 @@ def write_shard_set(base: str, jobs: Sequence[ShardJob], produce: Callable, *, f
     """``produce(stream, job) -> samples written`` must be a picklable top-level function; it
     may call ``progress_tick()`` per item written, so the bar shows items/s as they happen."""
     global _report
-    fs.makedirs(base, storage_options)
+    storage.makedirs(base, storage_options)
     clean_stale_temporaries(base, storage_options)
     want = settings_of(fmt, classes, meta)
     recorded, previous, pending = _previous(base, storage_options)
@@ -198,17 +200,17 @@ def write_shard_set(base: str, jobs: Sequence[ShardJob], produce: Callable, *, f
     if changed:  # nothing here was written with these settings: remove it before vouching anew
         _remove(manifest_url(base), storage_options)
         for name in sorted(set(previous) | {j.name for j in jobs}):
-            _remove(fs.join(base, name), storage_options)
+            _remove(storage.join(base, name), storage_options)
         previous = {}
     if changed or not pending:
-        fs.write_bytes(fs.join(base, PENDING_NAME), json.dumps(want, sort_keys=True).encode(), storage_options)
+        storage.write_bytes(storage.join(base, PENDING_NAME), json.dumps(want, sort_keys=True).encode(), storage_options)
     infos: dict[int, ShardInfo] = {}
     todo: list[ShardJob] = []
     bar = Progress(sum(j.samples for j in jobs), f"shards -> {base}", unit, progress)
     ticks = _Ticks(bar, jobs)
     for job in jobs:
-        url = fs.join(base, job.name)
-        if not changed and fs.exists(url, storage_options) and holds_exactly(url, job.keys, storage_options):
+        url = storage.join(base, job.name)
+        if not changed and storage.exists(url, storage_options) and holds_exactly(url, job.keys, storage_options):
             sha, size = sha256_url(url, storage_options)
             old = previous.get(job.name)
             if old is None or old.sha256 == sha:
@@ -248,6 +250,6 @@ def write_shard_set(base: str, jobs: Sequence[ShardJob], produce: Callable, *, f
     manifest = Manifest(format=fmt, shards=[infos[j.index] for j in jobs], classes=classes,
                         meta=meta or {}, created_by=created_by)
     url = write_manifest(base, manifest, storage_options)
-    _remove(fs.join(base, PENDING_NAME), storage_options)
+    _remove(storage.join(base, PENDING_NAME), storage_options)
     return SetResult(url, len(todo), len(jobs) - len(todo), manifest.total, rate,
                      [c for c in changed if c != "unknown"])

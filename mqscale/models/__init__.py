@@ -1,5 +1,3 @@
-"""Pure-torch models. Nothing in this package imports DeepSpeed, Ray or torch's distributed package."""
-from mqscale.models.counting import param_count, train_flops_per_token
-from mqscale.models.stackformer import Stackformer, StackformerOutput
-
-__all__ = ["Stackformer", "StackformerOutput", "param_count", "train_flops_per_token"]
+"""Pure-torch models: the Stackformer, the MQ-VAE, and the two fixed networks of the losses and
+metrics (LPIPS, the FID Inception). Nothing here imports DeepSpeed, Ray or torch's distributed
+package: parallelism wraps models, never the reverse. Each model keeps its arguments beside it."""

@@ -10,6 +10,10 @@ import io
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load as load_safetensors
+
+from mqscale.core import storage
+from mqscale.core.errors import InputError
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 TAPS = (3, 8, 15, 22, 29)            # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
@@ -65,22 +69,23 @@ class LPIPS(nn.Module):
 
 
 def read_state_dict(path: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
-    from mqscale.data import fs
-    return state_dict_from_bytes(fs.read_bytes(path, storage_options), path)
+    try:
+        return state_dict_from_bytes(storage.read_bytes(path, storage_options), path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such weights file") from None
 
 
 def state_dict_from_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file (by ``name``'s suffix) or a tensor-only torch file; never a pickle
     of objects (``weights_only=True``)."""
     if name.endswith(".safetensors"):
-        from safetensors.torch import load
-        return load(data)
+        return load_safetensors(data)
     sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
 
 
 def load_lpips(vgg_path: str, lin_path: str, storage_options: dict | None = None) -> LPIPS:
-    """LPIPS with real weights; raises ValueError naming the file whose keys do not fit."""
+    """LPIPS with real weights; InputError naming a file that is missing or whose keys do not fit."""
     m = LPIPS()
     vgg = {k: v for k, v in read_state_dict(vgg_path, storage_options).items() if k.startswith("features.")}
     lin = {k: v for k, v in read_state_dict(lin_path, storage_options).items() if k.startswith("lin")}
@@ -88,8 +93,8 @@ def load_lpips(vgg_path: str, lin_path: str, storage_options: dict | None = None
     need_vgg = {k for k in own if k.startswith("features.")}
     need_lin = {k for k in own if k.startswith("lin")}
     if not need_vgg <= set(vgg):
-        raise ValueError(f"{vgg_path}: not a VGG16 features state dict (missing {sorted(need_vgg - set(vgg))[:2]})")
+        raise InputError(f"{vgg_path}: not a VGG16 features state dict (missing {sorted(need_vgg - set(vgg))[:2]})")
     if not need_lin <= set(lin):
-        raise ValueError(f"{lin_path}: not LPIPS linear heads (missing {sorted(need_lin - set(lin))[:2]})")
+        raise InputError(f"{lin_path}: not LPIPS linear heads (missing {sorted(need_lin - set(lin))[:2]})")
     m.load_state_dict({**own, **{k: vgg[k] for k in need_vgg}, **{k: lin[k] for k in need_lin}})
     return m

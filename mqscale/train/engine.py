@@ -16,9 +16,14 @@ from typing import Any
 
 import torch
 
-from mqscale.config import Config, ConfigError
-from mqscale.models import Stackformer
+from mqscale.core import dist, storage
+from mqscale.core.config import merged
+from mqscale.core.errors import ConfigError
+from mqscale.models.stackformer.model import Stackformer
+from mqscale.train.config import Config
 from mqscale.train.optim import param_groups
+
+TAG = "ds"  # DeepSpeed's checkpoint tag inside each checkpoint directory
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -32,16 +37,17 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def grad_accum(cfg: Config, world: int) -> int:
+    """Micro-batches per optimizer step: ``train.global_batch`` over micro-batch x world when it is
+    set (validate_run has checked that it divides and agrees with ``train.grad_accum``), else
+    ``train.grad_accum``."""
+    t = cfg.train
+    return t.global_batch // (cfg.data.batch_size * world) if t.global_batch else t.grad_accum
 
 
 def ds_config(cfg: Config, world: int) -> dict:
     t, d = cfg.train, cfg.deepspeed
-    micro, accum = cfg.data.batch_size, t.grad_accum
+    micro, accum = cfg.data.batch_size, grad_accum(cfg, world)
     zero: dict[str, Any] = {"stage": d.zero_stage, "overlap_comm": d.zero_stage > 0,
                             "contiguous_gradients": d.zero_stage > 0}
     if d.offload_optimizer != "none":
@@ -80,9 +86,8 @@ SOFT = {"steps_per_print", "wall_clock_breakdown", "zero_optimization.overlap_co
 
 
 def merge_expert(ours: dict, path: str) -> dict:
-    from mqscale.data import fs
     try:
-        theirs = json.loads(fs.read_bytes(path))
+        theirs = json.loads(storage.read_bytes(path))
     except FileNotFoundError:
         raise ConfigError(f"deepspeed.config_json: {path} not found") from None
     except ValueError as e:
@@ -98,28 +103,27 @@ def merge_expert(ours: dict, path: str) -> dict:
              if a[k] != b[k] and k not in SOFT]
     if clash:
         raise ConfigError(f"deepspeed.config_json: {path} conflicts with the run config on {'; '.join(clash[:3])}")
-    return _merge(ours, theirs)
+    return merged(ours, theirs)
 
 
 def init_weights_zero3(model: Stackformer) -> None:
     """Under ZeRO-3 parameters are partitioned as each submodule is built, before the model's own
     initialisation runs; redo it one module at a time with that module's parameters gathered."""
-    import deepspeed
-    import torch.distributed as dist
+    import deepspeed  # heavy, and logs an accelerator probe on import: training processes only
 
     for m in model.modules():
         params = list(m.parameters(recurse=False))
         if not params:
             continue
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            if dist.get_rank() == 0:
+            if dist.rank() == 0:
                 model.init_module(m)
 
 
 def build_model(cfg: Config, ds: dict) -> Stackformer:
     torch.manual_seed(cfg.train.seed)
     if cfg.deepspeed.zero_stage == 3:
-        import deepspeed
+        import deepspeed  # heavy, and logs an accelerator probe on import: training processes only
         with deepspeed.zero.Init(config_dict_or_path=ds):
             model = Stackformer(cfg.model)
         init_weights_zero3(model)
@@ -129,7 +133,7 @@ def build_model(cfg: Config, ds: dict) -> Stackformer:
 
 def build_engine(cfg: Config, world: int):
     """(engine, ds_config): the Stackformer wrapped by DeepSpeed with our optimizer recipe."""
-    import deepspeed
+    import deepspeed  # heavy, and logs an accelerator probe on import: training processes only
 
     # adopts the process group Ray Train (or the launcher) already made; ZeRO-3's Init needs it
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")

@@ -1,4 +1,4 @@
-"""Training metrics: TensorBoard on rank 0 (other ranks log nothing), one console line, MFU.
+"""Training metrics beyond the losses: throughput and MFU, memory, and the one console line per log step.
 
 MFU = achieved model FLOP/s / (peak FLOP/s x world), with the model's FLOPs counted analytically
 (``mqscale.models.counting``) and the peak from ``logging.peak_tflops`` or a table of dense bf16
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import time
 
 import torch
 
@@ -40,15 +39,9 @@ def memory_gb() -> float:
 
 
 class Metrics:
-    def __init__(self, rank: int, tb_dir: str | None, flops_per_token: float, peak_tflops: float | None,
-                 world: int):
+    def __init__(self, rank: int, flops_per_token: float, peak_tflops: float | None, world: int):
         self.rank, self.world = rank, world
         self.flops, self.peak = flops_per_token, peak_tflops
-        self.writer = None
-        if rank == 0 and tb_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(tb_dir)
-        self.t0 = time.perf_counter()
 
     def throughput(self, tokens_per_s: float) -> dict[str, float]:
         out = {"perf/tokens_per_s": tokens_per_s,
@@ -56,23 +49,6 @@ class Metrics:
         if self.peak:
             out["perf/mfu"] = out["perf/model_tflops_per_worker"] / self.peak
         return out
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
-
-    def image(self, step: int, tag: str, grid: torch.Tensor) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, grid, step)
-            self.writer.flush()
-
-    def hparams(self, hp: dict, final: dict) -> None:
-        if self.writer is not None:
-            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hp.items()}
-            self.writer.add_hparams(clean, {f"hparam/{k.replace('/', '_')}": v for k, v in final.items()},
-                                    run_name=".")
 
     def console(self, step: int, max_steps: int, v: dict[str, float]) -> None:
         if self.rank != 0:
@@ -82,8 +58,3 @@ class Metrics:
                  step, max_steps, v["loss/total"], v["loss/code"], v["loss/position"], v["lr"],
                  v.get("grad_norm", float("nan")), v["perf/tokens_per_s"], mfu, 100 * v["perf/data_wait_share"],
                  v["memory_gb"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None

@@ -9,7 +9,7 @@ import math
 
 import torch.nn as nn
 
-from mqscale.config import OptimConfig
+from mqscale.train.config import OptimConfig
 
 
 def full_shape(p: nn.Parameter) -> tuple[int, ...]:

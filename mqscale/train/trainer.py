@@ -5,7 +5,7 @@ checkpoint is committed. Each micro-batch comes from the streaming loader (fixed
 holes dropped before the forward), goes through the DeepSpeed engine (ZeRO, accumulation,
 clipping, bf16), and a loss that is not finite on any rank skips that micro-batch everywhere.
 Checkpoints carry the step, tokens seen, every rank's data position and RNG, and the resolved
-config; resume verifies them (see ``checkpoint.py``) and continues exactly. The fault suite's
+config; resume verifies them (``core/checkpoint.py``) and continues exactly. The fault suite's
 hooks (``faults.py``) sit in this path and are off unless their environment variables are set.
 """
 from __future__ import annotations
@@ -14,56 +14,34 @@ import contextlib
 import json
 import logging
 import math
-import shutil
-import tempfile
 import time
-from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
-from mqscale.config import Config, without_credentials
+from mqscale.core import dist, storage
+from mqscale.core.checkpoint import CheckpointStore, choose_resume
+from mqscale.core.errors import CheckpointError
+from mqscale.core.images import png_bytes, tile, to_unit
+from mqscale.core.secrets import without_credentials
+from mqscale.core.session import Session, commit_checkpoint, scratch_dir
+from mqscale.core.tensorboard import RunWriter
 from mqscale.data.loader import StreamingLoader
-from mqscale.models import train_flops_per_token
-from mqscale.train.checkpoint import (RUN_CONFIG, TAG, CheckpointError, CheckpointStore, checkpoint_name,
-                                      local_files, write_marker)
-from mqscale.train.engine import build_engine
+from mqscale.models.stackformer.counting import train_flops_per_token
+from mqscale.models.stackformer.sampling import SamplingParams, sample
+from mqscale.tokenizer.config import TOKENIZER
+from mqscale.train.config import Config
+from mqscale.train.engine import TAG, build_engine
 from mqscale.train.faults import SampleTrace, fault_point, inject_nan
 from mqscale.train.metrics import Metrics, device_peak_tflops, memory_gb
 from mqscale.train.optim import lr_at, n_params
 
 log = logging.getLogger("mqscale.train")
+RUN_CONFIG = "run_config.json"  # the resolved run config, so the checkpoint alone rebuilds its model
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped itself (e.g. a streak of non-finite losses) after a final checkpoint."""
-
-
-class RunSession(Protocol):
-    rank: int
-    world: int
-    device: torch.device
-    run_url: str
-
-    def commit(self, staging: Path, name: str, metrics: dict) -> None: ...
-
-
-def gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast(obj):
-    """Rank 0's ``obj`` on every rank (our own ranks' objects: trusted)."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def rng_state() -> dict:
@@ -74,7 +52,7 @@ def rng_state() -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, session: RunSession):
+    def __init__(self, cfg: Config, session: Session):
         self.cfg, self.session = cfg, session
         self.rank, self.world = session.rank, session.world
         self.engine, self.ds_config = build_engine(cfg, self.world)
@@ -86,40 +64,26 @@ class Trainer:
         self.step = self.tokens = self.nonfinite_streak = self.nonfinite_total = self.overflow_total = 0
         # the one setup in which DeepSpeed applies a non-finite gradient: the loop checks it itself
         self.unguarded = cfg.train.precision == "fp32" and cfg.deepspeed.zero_stage == 0
-        # remote storage: rank 0 writes the events to a scratch directory and syncs it to <run>/tb
-        self._tb_scratch = "://" in session.run_url and not cfg.logging.tensorboard_dir and self.rank == 0
-        if cfg.logging.tensorboard_dir or "://" not in session.run_url:
-            tb = cfg.logging.tensorboard_dir or f"{session.run_url}/tb"
-        else:
-            tb = tempfile.mkdtemp(prefix="mqscale-tb-") if self._tb_scratch else None
-        self.metrics = Metrics(self.rank, tb, train_flops_per_token(cfg.model), device_peak_tflops(
-            cfg.logging.peak_tflops), self.world)
-        self.tb_dir = tb
+        self.tb = RunWriter(session.run_url, cfg.logging.tensorboard_dir, cfg.checkpoint.storage_options, self.rank)
+        self.metrics = Metrics(self.rank, train_flops_per_token(cfg.model),
+                               device_peak_tflops(cfg.logging.peak_tflops), self.world)
         self.tokenizer = None
         if cfg.logging.tokenizer and self.rank == 0:
-            from mqscale.convert.export import load_exported
-            self.tokenizer, _ = load_exported(cfg.logging.tokenizer, self.device, expect="mqvae")
+            self.tokenizer, _ = TOKENIZER.load(cfg.logging.tokenizer, self.device)
         self.trace = SampleTrace(self.rank)
         self.restored_from = self._restore()
 
     # ------------------------------------------------------------------ checkpoints
 
     def _restore(self) -> str | None:
-        """The run's own newest verified checkpoint first: a worker restarted after a failure, or a
-        relaunch, continues where this run got to. ``resume_from`` only seeds a run that has none yet.
-        Rank 0 alone lists and verifies (one read of every file, not one per rank) and tells the
-        others which checkpoint to load, so all ranks load the same step."""
-        found = self._choose_checkpoint()
+        """Every rank loads the checkpoint rank 0 chose (``choose_resume``), its own ZeRO shards."""
+        found = choose_resume(self.store, self.cfg.checkpoint, self.session.launch_id, self.world)
         if found is None:
             return None
-        if found.marker.get("world") != self.world:
-            from mqscale.train.validate import RESHARD
-            raise CheckpointError(f"{found.url}: saved by {found.marker.get('world')} workers, this run has "
-                                  f"{self.world}: {RESHARD}")
-        with tempfile.TemporaryDirectory(prefix="mqscale-restore-") as d:
-            self.store.download(found, Path(d), rank=self.rank)
+        with scratch_dir("mqscale-restore-") as d:
+            self.store.download(found, d, rank=self.rank)
             try:
-                path, client = self.engine.load_checkpoint(d, tag=TAG, load_lr_scheduler_states=False)
+                path, client = self.engine.load_checkpoint(str(d), tag=TAG, load_lr_scheduler_states=False)
             except (AssertionError, OSError, KeyError, ValueError, RuntimeError) as e:
                 why = f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} in DeepSpeed's loader"
                 raise CheckpointError(f"{found.url}: DeepSpeed could not load it ({why})") from e
@@ -134,60 +98,16 @@ class Trainer:
         log.info("rank %d resumed from %s at step %d", self.rank, found.url, self.step)
         return found.url
 
-    def _choose_checkpoint(self):
-        c = self.cfg.checkpoint
-        found = failure = None
-        if self.rank == 0:
-            try:
-                found = self.store.latest_valid() if c.resume == "auto" or c.resume_from else None
-                if found is None and c.resume_from:
-                    found = self.store.open_url(c.resume_from)
-            except Exception as e:  # the other ranks must not wait for a choice that never comes
-                failure = e
-        found, why = broadcast((found, None if failure is None else f"{type(failure).__name__}: {failure}"))
-        if failure is not None:
-            raise failure
-        if why is not None:
-            raise CheckpointError(f"rank 0 could not choose a checkpoint to resume from ({why})")
-        return found
-
     def save(self, metrics: dict) -> None:
-        staging = Path(tempfile.mkdtemp(prefix="mqscale-ckpt-"))
-        try:
+        with scratch_dir("mqscale-ckpt-") as staging:
             client = {"step": self.step, "tokens": self.tokens, "world": self.world,
-                      "loader": gather(self.loader.state_dict()), "rng": gather(rng_state()),
+                      "loader": dist.gather(self.loader.state_dict()), "rng": dist.gather(rng_state()),
                       "config": without_credentials(self.cfg)}
             self.engine.save_checkpoint(str(staging), tag=TAG, client_state=client)
             if self.rank == 0:  # the checkpoint describes itself: export needs nothing else
                 (staging / RUN_CONFIG).write_text(json.dumps(without_credentials(self.cfg), indent=1))
-            files: dict = {}
-            for part in gather(local_files(staging)):
-                files.update(part)
-            if self.rank == 0:
-                write_marker(staging, files, self.step, self.world, {"name": self.cfg.name})
-            self.session.commit(staging, checkpoint_name(self.step), metrics)
-            if self.rank == 0:
-                self.store.remove_partial(keep=checkpoint_name(self.step))
-                self._sync_tensorboard()
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    def _sync_tensorboard(self) -> None:
-        """Event files written locally go to <run>/tb on the storage when that is remote: at every
-        checkpoint, and once more after the writer is closed (final grid and hparams included)."""
-        if self.rank != 0 or "://" not in self.session.run_url:
-            return
-        if self.metrics.writer is not None:
-            self.metrics.writer.flush()
-        local = Path(self.tb_dir)
-        files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
-        self.store.upload(local, "tb", files)
-
-    def _close_metrics(self) -> None:
-        self.metrics.close()
-        self._sync_tensorboard()
-        if self._tb_scratch:
-            shutil.rmtree(self.tb_dir, ignore_errors=True)
+            commit_checkpoint(self.session, self.store, staging, self.step, metrics, {"name": self.cfg.name})
+        self.tb.sync()
 
     # ------------------------------------------------------------------ the loop
 
@@ -211,8 +131,7 @@ class Trainer:
         rows = float(keep.sum()) * weight
         flags = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0, rows], dtype=torch.float64,
                              device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flags)
+        dist.all_reduce_sum_(flags)
         ok = flags[0].item() == 0
         if ok:
             boundary = self.engine.is_gradient_accumulation_boundary()
@@ -239,8 +158,7 @@ class Trainer:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         ok = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
         bad = (~ok).to(device=self.device, dtype=torch.float32).reshape(1)   # one read-back below
-        if dist.is_initialized():
-            dist.all_reduce(bad)
+        dist.all_reduce_sum_(bad)
         return bad.item() == 0
 
     def fit(self) -> dict:
@@ -249,7 +167,7 @@ class Trainer:
         if self.restored_from and self.step >= max_steps:
             log.info("rank %d: %s is at step %d already (train.max_steps=%d): nothing to do", self.rank,
                      self.restored_from, self.step, max_steps)
-            self._close_metrics()
+            self.tb.close()
             return {"step": self.step, "tokens": self.tokens, "nonfinite_skipped": 0}
         it = self.batches()
         window: list[dict] = []
@@ -277,7 +195,7 @@ class Trainer:
                            f"(train.max_nonfinite={cfg.train.max_nonfinite}); saved a checkpoint and stopped")
                     # the reason travels with the checkpoint's report: the driver reads it from there
                     self.save({"step": self.step, "stopped": 1.0, "stopped_reason": why})
-                    self._close_metrics()
+                    self.tb.close()
                     raise TrainingStopped(why)
                 continue
             self.nonfinite_streak = 0
@@ -294,29 +212,25 @@ class Trainer:
                 last = self._log(window, lr, wait, busy, steps)
                 window, wait, paused, steps, t_last = [], 0.0, 0.0, 0, time.perf_counter()
             t = time.perf_counter()  # sampling and saving stay out of the throughput windows
-            if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
+            if cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
                 self.sample_grid()
             if self.step % every == 0 and self.step < max_steps:
                 self.save({"step": self.step, **last})
             paused += time.perf_counter() - t
         self.save({"step": self.step, **last})
-        if not (cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0):
+        if not (cfg.logging.image_every and self.step % cfg.logging.image_every == 0):
             self.sample_grid()  # (the loop has just drawn this step's grid otherwise)
-        self.metrics.hparams({"name": cfg.name, "params": n_params(self.model),
-                              "zero_stage": cfg.deepspeed.zero_stage, "world": self.world,
-                              "lr": cfg.optim.lr, "batch": cfg.data.batch_size}, {k: v for k, v in last.items()
-                                                                                   if k.startswith("loss/")})
-        self._close_metrics()
+        self.tb.hparams({"name": cfg.name, "params": n_params(self.model), "zero_stage": cfg.deepspeed.zero_stage,
+                         "world": self.world, "lr": cfg.optim.lr, "batch": cfg.data.batch_size},
+                        {k: v for k, v in last.items() if k.startswith("loss/")})
+        self.tb.close()
         return {"step": self.step, "tokens": self.tokens, "nonfinite_skipped": self.nonfinite_total, **last}
 
     def _log(self, window: list[dict], lr: float, wait: float, busy: float, steps: int) -> dict:
         n = max(1, len(window))
         v = {k: sum(w[k] for w in window) / n for k in ("loss/total", "loss/code", "loss/position")}
         seqs_all = sum(w["sequences_all"] for w in window)           # already summed over the ranks
-        stats = torch.tensor([busy, wait], dtype=torch.float64, device=self.device)  # NCCL: on the GPU
-        if dist.is_initialized():
-            dist.all_reduce(stats)
-            stats /= self.world
+        stats = dist.all_reduce_sum_(torch.tensor([busy, wait], dtype=torch.float64, device=self.device)) / self.world
         busy_s, wait_s = stats.tolist()
         v.update({"lr": lr, "perf/sequences_per_s": seqs_all / max(busy_s, 1e-9),
                   "perf/step_time_s": busy_s / max(1, steps), "perf/data_wait_share": wait_s / max(busy_s, 1e-9),
@@ -329,11 +243,10 @@ class Trainer:
             v["grad_norm"] = float(gn)
         counters = self.loader.stats()            # delivered samples and every skip counter, all ranks
         keys = sorted(counters)
-        summed = torch.tensor([float(counters[k]) for k in keys], dtype=torch.float64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(summed)
+        summed = dist.all_reduce_sum_(torch.tensor([float(counters[k]) for k in keys], dtype=torch.float64,
+                                                   device=self.device))
         v.update({f"data/{k}": x for k, x in zip(keys, summed.tolist())})
-        self.metrics.scalars(self.step, v)
+        self.tb.scalars(self.step, v)
         self.metrics.console(self.step, self.cfg.train.max_steps, v)
         return v
 
@@ -348,14 +261,13 @@ class Trainer:
         zero3 = self.cfg.deepspeed.zero_stage == 3
         if self.rank != 0 and not zero3:
             return
-        from mqscale.sampling import SamplingParams, sample
         m = self.cfg.model
         n_cls = min(m.n_classes, 8) if m.cond == "class" else 1
         cond = torch.arange(n_cls, device=self.device).repeat_interleave(4) if m.cond == "class" else None
         p = SamplingParams(temperature=1.0, top_k=min(100, m.codebook_size))
         gathered = contextlib.nullcontext()
         if zero3:
-            import deepspeed
+            import deepspeed  # heavy, and logs an accelerator probe on import: training processes only
             gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
         with gathered, torch.autocast(self.device.type, dtype=torch.bfloat16,
                                       enabled=self.cfg.train.precision == "bf16"):
@@ -365,15 +277,10 @@ class Trainer:
             self._log_grid(codes, pos, n_cls)
 
     def _log_grid(self, codes: torch.Tensor, pos: torch.Tensor, n_cls: int) -> None:
-        from mqscale.data import fs
-        from mqscale.train.tokenizer_visuals import to_png
-        imgs = self.tokenizer.decode(codes, pos).float()
-        r = imgs.shape[-1]
-        grid = ((imgs.clamp(-1, 1) + 1) / 2).view(n_cls, 4, 3, r, r).permute(2, 0, 3, 1, 4).reshape(
-            3, n_cls * r, 4 * r).cpu()
-        self.metrics.image(self.step, "samples/class_rows", grid)
-        fs.write_bytes(fs.join(self.session.run_url, f"samples/step_{self.step:09d}.png"), to_png(grid),
-                       self.cfg.checkpoint.storage_options)
+        grid = tile(to_unit(self.tokenizer.decode(codes, pos)), cols=4).cpu()  # one row per class
+        self.tb.image(self.step, "samples/class_rows", grid)
+        storage.write_bytes(storage.join(self.session.run_url, f"samples/step_{self.step:09d}.png"), png_bytes(grid),
+                            self.cfg.checkpoint.storage_options)
 
 
 def skip_optimizer_step(engine) -> None:
@@ -387,5 +294,5 @@ def skip_optimizer_step(engine) -> None:
         del opt.step
 
 
-def train(cfg: Config, session: RunSession) -> dict:
+def train(cfg: Config, session: Session) -> dict:
     return Trainer(cfg, session).fit()

@@ -12,11 +12,13 @@ import pytest
 import s3fs
 import torch
 
-from mqscale.convert.export import load_exported
-from mqscale.export import export
-from mqscale.tokenize import main as tokenize_main
-from tests.fault.flaky_s3 import FlakyS3
-from tests.test_train_distributed import train
+from mqscale.core.loopback_s3 import FlakyS3
+from mqscale.tokenize.__main__ import main as tokenize_main
+from mqscale.train.config import STACKFORMER
+from mqscale.train.export import export
+from tests.helpers.training import train
+
+pytestmark = pytest.mark.integration
 
 BUCKET = "mqscale-test"
 
@@ -91,8 +93,8 @@ def test_ten_percent_transient_failures_change_nothing(fault_data, tmp_path, s3,
     # the two training runs: the same weights, bit for bit
     for name in ("direct", "flaky"):
         export(f"s3://{BUCKET}/runs/{name}", str(tmp_path / f"exp-{name}"), s3)
-    a, _ = load_exported(tmp_path / "exp-direct")
-    b, _ = load_exported(tmp_path / "exp-flaky")
+    a, _ = STACKFORMER.load(tmp_path / "exp-direct")
+    b, _ = STACKFORMER.load(tmp_path / "exp-flaky")
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), k
     assert any(p.endswith("tfevents") or "tfevents" in p for p in fs.find(f"{BUCKET}/runs/flaky/tb"))

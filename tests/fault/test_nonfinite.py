@@ -5,12 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mqscale.convert.export import load_exported
-from mqscale.train.checkpoint import CheckpointStore
-from tests.test_train_distributed import ROOT, train
+from mqscale.core.checkpoint import CheckpointStore
+from mqscale.train.config import STACKFORMER
+from tests.helpers.training import ROOT, train
+
+pytestmark = pytest.mark.integration
 
 
 def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_with_a_checkpoint(fault_data, tmp_path):
@@ -27,7 +30,7 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_with_a_checkpoin
     e = subprocess.run([sys.executable, "-m", "mqscale.export", str(run), str(tmp_path / "exp")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert e.returncode == 0, e.stderr
-    m, _ = load_exported(tmp_path / "exp")
+    m, _ = STACKFORMER.load(tmp_path / "exp")
     assert all(torch.isfinite(p).all() for p in m.parameters())
     # a streak: every micro-batch towards step 10 is NaN; more than 2 in a row stops after a checkpoint.
     # Stopping is not a worker failure: with max_failures=1 Ray must not start the workers again.

@@ -8,12 +8,15 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mqscale.data.synthetic import token_set
 from mqscale.data.tokens import TokenMeta, npy_bytes, npy_load
-from tests.test_data_robustness import _add, _Bomb, members_of, rows_before_cut
-from tests.test_train_distributed import train
+from tests.helpers.shards import Bomb, add_member, members_of, rows_before_cut
+from tests.helpers.training import train
+
+pytestmark = pytest.mark.integration
 
 META = TokenMeta(grid=8, codebook_size=256, seq_len=16, cond="class", n_classes=10, tokenizer_sha256="")
 SHARDS, ROWS, CHUNK = 5, 100, 20           # 500 sequences; 2 ranks x 8 = 16 a step: 32 steps an epoch
@@ -41,10 +44,10 @@ def poison(base: Path, marker: Path) -> dict[str, int]:
                 data = npy_bytes(bits)
             members.append((name, data))
             if i == 1 and name.endswith("000000.codes.npy"):
-                members.append(("000000.evil.pkl", pickle.dumps(_Bomb(str(marker)))))
+                members.append(("000000.evil.pkl", pickle.dumps(Bomb(str(marker)))))
         with tarfile.open(shard, "w") as tf:
             for name, data in members:
-                _add(tf, name, data)
+                add_member(tf, name, data)
     last = base / f"tokens-{SHARDS - 1:06d}.tar"
     data = last.read_bytes()
     cut = len(data) * 3 // 5

@@ -2,7 +2,11 @@
 starts, with one line saying why and what to do, never loaded silently wrong."""
 from __future__ import annotations
 
-from tests.test_train_distributed import train
+import pytest
+
+from tests.helpers.training import train
+
+pytestmark = pytest.mark.integration
 
 COMMON = ["train.max_steps=3", "logging.tokenizer="]
 

@@ -6,8 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mqscale.train.checkpoint import MARKER, CheckpointStore
-from tests.test_train_distributed import ROOT, train
+import pytest
+
+from mqscale.core.checkpoint import MARKER, CheckpointStore
+from tests.helpers.training import ROOT, train
+
+pytestmark = pytest.mark.integration
 
 DS = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--module"]
 
@@ -28,7 +32,7 @@ def test_a_save_killed_between_files_is_ignored_then_cleaned_up(fault_data, tmp_
                        capture_output=True, text=True, timeout=120)
     assert v.returncode == 0 and "checkpoint_000000006: no mqscale_complete.json: incomplete" in v.stdout, v.stdout
     store = CheckpointStore(str(run))
-    assert store.latest_valid().step == 3 and store.incomplete() == ["checkpoint_000000006"]
+    assert store.latest_valid().step == 3 and sorted(store.scan()[1]) == ["checkpoint_000000006"]
     # the relaunch saves at 4 and 8: nothing ever overwrites the partial step-6 directory
     again = train(fault_data, tmp_path, "train.max_steps=8", "checkpoint.every_steps=4", "logging.tokenizer=",
                   launcher=DS)
@@ -37,4 +41,4 @@ def test_a_save_killed_between_files_is_ignored_then_cleaned_up(fault_data, tmp_
     assert f"resumed from {run / 'checkpoint_000000003'} at step 3" in out
     assert "removed checkpoint_000000006: a partial checkpoint" in out
     assert not partial.exists()
-    assert [f.step for f in store.candidates()] == [8, 4, 3] and store.incomplete() == []
+    assert [f.step for f in store.candidates()] == [8, 4, 3] and sorted(store.scan()[1]) == []

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mqscale.convert.export import load_exported
-from tests.test_train_distributed import ROOT, client_state, train
+from mqscale.train.config import STACKFORMER
+from tests.helpers.training import ROOT, client_state, train
+
+pytestmark = pytest.mark.integration
 
 EPOCH = 240          # sequences in the fault data; 15 steps of 2 ranks x 8 rows are one epoch
 
@@ -63,8 +65,8 @@ def test_repeated_kills_end_as_the_uninterrupted_run(fault_data, tmp_path, kills
     assert out.count("resumed from") == 2 * (1 + kills)
     for d in ("clean", "killed"):
         export(tmp_path / d / "stackformer-demo", tmp_path / d / "exp")
-    a, _ = load_exported(tmp_path / "clean" / "exp")
-    b, _ = load_exported(tmp_path / "killed" / "exp")
+    a, _ = STACKFORMER.load(tmp_path / "clean" / "exp")
+    b, _ = STACKFORMER.load(tmp_path / "killed" / "exp")
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert (x - y).abs().max().item() <= 1e-6, k
     ca = client_state(tmp_path / "clean" / "stackformer-demo" / "checkpoint_000000015")

@@ -1,0 +1,142 @@
+"""Ray for both trainers and the tokenize stage: the cluster, the Ray Train launch, the Ray session.
+
+Local by default (``ray.init()`` starts a one-node cluster sized for the workers asked), or an
+existing cluster via ``ray.address`` or a ``ray job submit`` environment (``RAY_ADDRESS``).
+Training runs a Ray Train ``TorchTrainer`` (Train V2) whose storage is the run's storage: a local
+directory or an object-store URL, with ``checkpoint.storage_options`` (endpoint, credentials)
+reaching Ray through an fsspec-backed pyarrow filesystem. Ray's worker-group restarts
+(``ray.max_failures``) resume from the run's own checkpoints (see ``checkpoint.py``).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+# Train V2 semantics (report(..., checkpoint_dir_name=...), restoring a run by name): the default
+# from Ray 2.51 on, which pyproject requires; set here too so an older default can't slip in. It
+# is read when ray.train is first imported; the Train controller passes it on to the workers.
+os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
+
+import pyarrow.fs as pafs  # noqa: E402
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+import ray.train.torch  # noqa: E402
+from ray.train import CheckpointConfig as RayCheckpointConfig  # noqa: E402
+from ray.train import FailureConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.train.torch import TorchTrainer  # noqa: E402
+
+from mqscale.core import storage  # noqa: E402
+from mqscale.core.checkpoint import CheckpointConfig  # noqa: E402
+from mqscale.core.config import setting, to_dict  # noqa: E402
+from mqscale.core.errors import RunFailed  # noqa: E402
+
+log = logging.getLogger("mqscale.ray")
+
+
+@dataclass
+class RayConfig:
+    """The Ray cluster and the training workers on it."""
+    address: str | None = setting(None, doc="Ray cluster address; None starts a local Ray")
+    num_workers: int = setting(1, ge=1, doc="training workers")
+    use_gpu: bool = setting(False)
+    cpus_per_worker: float = setting(1.0, gt=0.0)
+    resources_per_worker: dict[str, float] = setting({})
+    max_failures: int = setting(0, ge=-1, doc="worker-group restarts; -1 = unlimited")
+
+
+def ray_running() -> bool:
+    return ray.is_initialized()
+
+
+def stop_ray() -> None:
+    """Shut Ray down (its log monitor prints the workers' last lines first)."""
+    ray.shutdown()
+
+
+def start_ray(address: str | None = None, cpus: float = 0) -> bool:
+    """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local Ray with room
+    for ``cpus`` (oversubscribing a small machine rather than waiting forever for CPUs it does not
+    have). True when this call started or connected it; False when Ray was up already."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"num_cpus": max(os.cpu_count() or 1, math.ceil(cpus))}
+    ray.init(address=address, log_to_driver=True, include_dashboard=False if not address else None, **local)
+    return True
+
+
+def ray_storage(path: str, storage_options: dict) -> tuple[str, object | None]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig."""
+    if "://" not in path or path.startswith("file://"):
+        return str(Path(path.removeprefix("file://")).resolve()), None
+    if not storage_options:
+        return path, None
+    filesystem, stripped = storage.get_fs(path, storage_options)
+    return stripped, pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
+
+
+def launch(worker_fn: Callable[[dict], None], payload: dict[str, Any], ray_cfg: RayConfig,
+           ckpt_cfg: CheckpointConfig, name: str) -> object:
+    """Run ``worker_fn(payload)`` on ``ray_cfg.num_workers`` Ray Train workers; returns the Result."""
+    started_here = start_ray(ray_cfg.address, ray_cfg.num_workers * ray_cfg.cpus_per_worker)
+    path, filesystem = ray_storage(ckpt_cfg.dir, ckpt_cfg.storage_options)
+    resources = {"CPU": ray_cfg.cpus_per_worker, **ray_cfg.resources_per_worker}
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+                             checkpoint_config=RayCheckpointConfig(num_to_keep=ckpt_cfg.keep_last)),
+    )
+    try:
+        return trainer.fit()
+    except Exception:
+        if started_here:  # flushes the workers' last log lines before the caller prints why
+            ray.shutdown()
+        raise
+
+
+def train_on_ray(worker: Callable[..., None], cfg: Any) -> object:
+    """Run ``worker(config_dict, run_url=..., launch_id=...)`` on the Ray Train workers of the run
+    config ``cfg`` (its ``ray`` and ``checkpoint`` sections, its ``name``); one launch id for the
+    launch, shared by every restart of the worker group. Returns Ray's Result; RunFailed with the
+    workers' own error line when the run failed (their tracebacks are already in the log)."""
+    run = functools.partial(worker, run_url=cfg.checkpoint.run_url(cfg.name), launch_id=uuid.uuid4().hex)
+    try:
+        return launch(run, to_dict(cfg), cfg.ray, cfg.checkpoint, cfg.name)
+    except Exception as e:
+        raise RunFailed(failure_line(e)) from e
+
+
+def failure_line(e: Exception) -> str:
+    """The line that says why a run failed: the workers' own error, not Ray's wrapping of it."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+class RaySession:
+    """A Ray Train worker's session: rank and device from the worker context; a checkpoint goes
+    through ``ray.train.report`` (each rank reports its own files, Ray merges them into
+    ``<run>/<name>``). ``between_files(step, rank)``: see ``StorageSession``."""
+
+    def __init__(self, run_url: str, launch_id: str,
+                 between_files: Callable[[int, int], None] | None = None):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.run_url, self.launch_id, self.between_files = run_url, launch_id, between_files
+
+    def commit(self, staging: Path | None, name: str, metrics: dict) -> None:
+        if self.between_files is not None:  # (ranks that reported first have uploaded)
+            self.between_files(int(metrics.get("step", -1)), self.rank)
+        ckpt = ray.train.Checkpoint.from_directory(str(staging)) if staging is not None else None
+        ray.train.report({k: v if isinstance(v, str) else float(v) for k, v in metrics.items()},
+                         checkpoint=ckpt, checkpoint_dir_name=name)

@@ -1,1 +1,0 @@
-"""Metrics for generators (FID, IS) and tokenizers (PSNR, SSIM, LPIPS, rFID, codebook usage)."""
