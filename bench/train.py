@@ -72,7 +72,7 @@ def run(cfg_path: str, tokens: Path, work: Path, workers: int, cpus: float, step
         peak: float, gpu: bool, extra: list[str]) -> dict:
     args = [sys.executable, "-m", "mqscale.train", "--config", cfg_path, f"data.train_url={tokens}",
             f"checkpoint.dir={work}", "checkpoint.every_steps=0", f"train.max_steps={steps}",
-            f"logging.log_every={log_every}", "logging.sample_every=0", "logging.tokenizer=",
+            f"logging.log_every={log_every}", "logging.image_every=0", "logging.tokenizer=",
             f"ray.num_workers={workers}", f"ray.cpus_per_worker={cpus}", f"ray.use_gpu={str(gpu).lower()}",
             "checkpoint.resume=never", "data.num_workers=1"]
     if peak:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +52,9 @@ class CheckpointConfig:
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:09d}"
+
+
+OURS = re.compile(r"checkpoint_\d{9}")   # what checkpoint_name makes; Ray's own names (older tokenizer runs) differ
 
 
 def local_files(root: Path) -> dict[str, dict]:
@@ -130,7 +134,7 @@ class CheckpointStore:
             try:
                 body = read_marker(self.fs, posixpath.join(d, MARKER))
             except CheckpointError as e:
-                incomplete[name] = str(e)
+                incomplete[name] = str(e) if OURS.fullmatch(name) else f"{e} (written before completion markers)"
                 continue
             found.append(Checkpoint(self._url(d), int(body["step"]), body))
         return sorted(found, key=lambda c: c.step, reverse=True), incomplete
@@ -203,7 +207,8 @@ class CheckpointStore:
         whose files are not all there), except ``keep``: they are never resumed, and nothing else
         would ever delete them (Ray only prunes what it registered). Returns their names."""
         found, incomplete = self.scan()
-        partial = [posixpath.join(self.path, name) for name in incomplete if name != keep]
+        # only our own dead saves: a directory Ray named (an older tokenizer run's) is left alone
+        partial = [posixpath.join(self.path, name) for name in incomplete if name != keep and OURS.fullmatch(name)]
         for c in found:
             d = storage.get_fs(c.url, self.storage_options)[1]
             if posixpath.basename(d) == keep:

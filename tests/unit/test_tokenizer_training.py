@@ -410,3 +410,10 @@ def test_an_old_tokenizer_checkpoint_still_loads_as_a_tokenizer(shapes, tmp_path
     summary = tokenize_run(Options(tokenizer=str(d), input=shapes, output=str(tmp_path / "tokens")), workers=0,
                            progress=False)
     assert summary.sequences_out == 96
+    # a new launch of that run starts over beside it, and never deletes it as a dead save of its own
+    train_tokenizer(cfg(shapes, tmp_path, "train.max_steps=2", "logging.image_every=0"),
+                    StorageSession(str(d.parent)))
+    assert (d / "model.safetensors").is_file()
+    records = {Path(r["url"]).name: r for r in verify_url(str(d.parent))}
+    assert records["checkpoint_000000002"]["ok"]
+    assert not records[d.name]["ok"] and "written before completion markers" in records[d.name]["why"]
