@@ -47,3 +47,8 @@ class InputError(MqscaleError, ValueError):
 class RunFailed(MqscaleError, RuntimeError):
     """A training run that failed in its workers, or stopped itself; the message says why.
     Commands print it as ``training failed: ...`` and exit 1 (the input was fine, the run was not)."""
+
+
+class CompileError(MqscaleError, RuntimeError):
+    """torch.compile cannot compile here (the message names why), or a compiled function keeps
+    recompiling where its shapes were meant to stay fixed."""

@@ -1,9 +1,11 @@
-"""Transformer parts shared by both Stackformer streams: causal attention, block, stack, KV cache.
+"""Transformer parts shared by both Stackformer streams: causal attention, block, stack, KV caches.
 
 Why: attention goes through ``scaled_dot_product_attention`` with ``is_causal`` so flash and
 memory-efficient kernels apply on GPU and no T x T mask buffer is ever stored; QKV is one fused
 matmul; the KV cache is preallocated so a decoding step is one new token per layer, no concat.
-Pure torch: nothing here knows about distribution.
+``StaticKVCache`` is the compiled decoder's (``decode.py``): its fill level is a tensor and every
+step attends over the whole buffer under a mask, so each step has the same shapes and the same
+graph. Pure torch: nothing here knows about distribution.
 """
 from __future__ import annotations
 
@@ -28,17 +30,85 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def indices(self, n: int, device) -> torch.Tensor:
+        """Sequence indices of the next ``n`` tokens."""
+        end = self.length + n
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; step needs {end}")
+        return torch.arange(self.length, end, device=device)
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's keys and values; (keys, values, start) of everything cached."""
+        start = self.length
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; step needs {end}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], start
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose shapes never change: the fill level is a 0-d tensor, each step writes at
+    it and attends over the whole buffer with the unwritten part masked out. Why: a compiled step
+    then sees the same shapes and Python values every time, so it is one graph, never recompiled,
+    and CUDA graphs can replay it (the buffers are marked static). One buffer per layer, written
+    by index: the compiled graph updates it in place (a write into a slice of one shared buffer
+    would copy all of it every step). Zero-filled: masked entries get weight 0, and 0 * an
+    uninitialised NaN would still be NaN."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.index = torch.zeros((), dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)
+        for t in (*self.k, *self.v, self.index, self.slots):
+            torch._dynamo.mark_static_address(t)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def length(self) -> int:  # host sync: for checks and tests, never inside a compiled step
+        return int(self.index)
+
+    def reset(self) -> None:
+        self.index.zero_()
+
+    def indices(self, n: int, device) -> torch.Tensor:
+        return self.index + torch.arange(n, device=device)
+
+    def advance(self, n: int) -> None:
+        self.index.add_(n)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """(whole key buffer, whole value buffer, [T, max_len] mask of what each new query sees)."""
+        at = self.indices(k.shape[2], k.device)
+        self.k[layer][:, :, at] = k
+        self.v[layer][:, :, at] = v
+        return self.k[layer], self.v[layer], self.slots[None, :] <= at[:, None]
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per head over a cached context, as two batched matmuls.
 
     For a single query the fused SDPA kernels buy nothing, and on CPU their per-call cost is
-    about twice that of plain bmm; this is the hot op of every decoding step.
+    about twice that of plain bmm; this is the hot op of every decoding step. ``mask`` [1, S]
+    (the static cache's) hides the slots not written yet.
     """
     B, H, _, D = q.shape
     kk = k.reshape(B * H, -1, D)
-    w = torch.bmm(q.reshape(B * H, 1, D), kk.transpose(1, 2)).mul_(D ** -0.5).softmax(dim=-1)
-    return torch.bmm(w, v.reshape(B * H, -1, D)).view(B, H, 1, D)
+    w = torch.bmm(q.reshape(B * H, 1, D), kk.transpose(1, 2)).mul(D ** -0.5)
+    if mask is not None:
+        w = w.masked_fill(~mask, float("-inf"))
+    return torch.bmm(w.softmax(dim=-1), v.reshape(B * H, -1, D)).view(B, H, 1, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -57,18 +127,16 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
-            start = cache.length
-            end = start + T
-            if end > cache.max_len:
-                raise ValueError(f"KV cache holds {cache.max_len} tokens; step needs {end}")
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-            if T == 1 and p == 0.0:  # one new token sees everything cached: no mask at all
+            k, v, start = cache.update(layer, k, v)
+            if isinstance(start, torch.Tensor):  # a static cache's mask of the written slots
+                y = (_decode_attention(q, k, v, start) if T == 1 and p == 0.0 else
+                     F.scaled_dot_product_attention(q, k, v, attn_mask=start, dropout_p=p))
+            elif T == 1 and p == 0.0:  # one new token sees everything cached: no mask at all
                 y = _decode_attention(q, k, v)
             elif start == 0:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
             else:  # a chunk after a cached prefix: causal, aligned to the bottom right
+                end = start + T
                 qi = torch.arange(start, end, device=x.device)[:, None]
                 mask = torch.arange(end, device=x.device)[None, :] <= qi
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -111,8 +179,9 @@ class TransformerStack(nn.Module):
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
         self.n_head, self.head_dim = n_head, n_embd // n_head
 
-    def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
-        return KVCache(len(self.blocks), batch, self.n_head, max_len, self.head_dim, device, dtype)
+    def new_cache(self, batch: int, max_len: int, device, dtype, static: bool = False) -> KVCache:
+        kind = StaticKVCache if static else KVCache
+        return kind(len(self.blocks), batch, self.n_head, max_len, self.head_dim, device, dtype)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
@@ -121,7 +190,7 @@ class TransformerStack(nn.Module):
             else:
                 x = block(x, cache, i)
         if cache is not None:
-            cache.length += x.shape[1]
+            cache.advance(x.shape[1])
         return x
 
 

@@ -136,13 +136,16 @@ class Stackformer(nn.Module):
         return e + self.pos_emb(torch.full((1, 1), self.sos, dtype=torch.long, device=device))
 
     def first_stream(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Input embeddings [B, T, C] at sequence indices cache.length.. -> first-stack hidden."""
-        start = cache.length if cache is not None else 0
+        """Input embeddings [B, T, C] at the cache's next sequence indices -> first-stack hidden."""
         if self.abs_emb is not None:
-            end = start + x.shape[1]
-            if end > self.block_size:
-                raise ValueError(f"sequence of {end} is over block_size {self.block_size}")
-            x = x + self.abs_emb(torch.arange(start, end, device=x.device))
+            T = x.shape[1]
+            if cache is None:
+                if T > self.block_size:
+                    raise ValueError(f"sequence of {T} is over block_size {self.block_size}")
+                idx = torch.arange(T, device=x.device)
+            else:  # (a cache is never longer than block_size: _setup and the decoder check)
+                idx = cache.indices(T, x.device)
+            x = x + self.abs_emb(idx)
         return self.first(self.drop(x), cache)
 
     def second_stream(self, h: torch.Tensor, first_ids: torch.Tensor,

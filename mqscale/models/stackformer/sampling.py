@@ -42,12 +42,13 @@ class SamplingParams:
 
 
 def draw(logits: torch.Tensor, params: SamplingParams, allowed: torch.Tensor | None = None,
-         generator: torch.Generator | None = None) -> torch.Tensor:
+         generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
     """One id per row of [B, V] logits, restricted to ``allowed`` [B, V] where given.
 
     The distribution of temperature, then top-k, then top-p (nucleus) filtering of the full
     logits, but drawn among the top-k candidates only: on CPU a full-width sort or mask costs more
-    than the model step itself.
+    than the model step itself. ``u`` [B, 1]: the uniforms to draw with, instead of drawing them
+    from ``generator`` (the compiled decoder draws them outside its graph, in the same order).
     """
     logits = logits.float()
     if allowed is not None:
@@ -67,22 +68,30 @@ def draw(logits: torch.Tensor, params: SamplingParams, allowed: torch.Tensor | N
     if params.top_p < 1.0:
         before = torch.cumsum(probs, dim=-1) - probs                   # mass ahead of each entry
         probs = probs.masked_fill(before >= params.top_p, 0.0)
-    j = inverse_cdf(probs, generator)
+    j = inverse_cdf(probs, generator, u)
     return j if idx is None else idx.gather(1, j[:, None]).squeeze(1)
 
 
-def inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row from [B, V] probabilities with a single uniform per row.
+def inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None = None,
+                u: torch.Tensor | None = None) -> torch.Tensor:
+    """One draw per row from [B, V] probabilities with a single uniform per row (``u`` [B, 1],
+    else drawn here from ``generator``).
 
     Same distribution as ``torch.multinomial(probs, 1)``, which on CPU spends most of a decoding
     step drawing V exponentials per row."""
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    if u is None:
+        u = uniforms(probs.shape[0], generator, probs.device)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     return idx.squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
-def allowed_positions(used: torch.Tensor, prev: torch.Tensor, t: int, L: int,
+def uniforms(rows: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """The [rows, 1] float32 uniforms of one draw (what ``inverse_cdf`` draws)."""
+    return torch.rand(rows, 1, generator=generator, device=device, dtype=torch.float32)
+
+
+def allowed_positions(used: torch.Tensor, prev: torch.Tensor, t: int | torch.Tensor, L: int,
                       raster: bool) -> torch.Tensor:
     """[B, G] mask of positions step t may take: unused, and in raster mode after ``prev``."""
     if not raster:
