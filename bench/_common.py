@@ -32,6 +32,16 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float
     return statistics.median(runs), runs
 
 
+def spread(runs: list[float]) -> list[float]:
+    """[min, max] of the runs, rounded: the spread next to a median."""
+    return [round(min(runs), 4), round(max(runs), 4)] if runs else []
+
+
+def load_average() -> list[float]:
+    """The 1/5/15-minute load averages (``uptime``): this machine is shared, so every figure says it."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def environment() -> dict:
     return {
         "torch": torch.__version__,

@@ -44,6 +44,7 @@ from mqscale.models.stackformer.sampling import (
     _split,
     allowed_positions,
     draw,
+    sample,
     uniforms,
 )
 
