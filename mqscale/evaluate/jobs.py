@@ -165,7 +165,8 @@ def run_generator(ev: Evaluation, settings: SamplingSettings) -> dict:
                           ev.storage_options)
     m = evaluate_generator(gen, settings, inception, ref, e.num_samples, e.is_splits, prompts)
     print(f"FID {m['fid']:.3f}  IS {m['is']:.3f} ± {m['is_std']:.3f}  ({m['images']:.0f} generated vs "
-          f"{m['reference_images']:.0f} reference images; {m['images_per_s']:.1f} images/s sampling)")
+          f"{m['reference_images']:.0f} reference images; {m['images_per_s']:.1f} images/s sampling"
+          + (f", + {m['compile_s']:.1f}s compiling the decoder" if m["compile_s"] else "") + ")")
     hp = {"job": "generator", "model": ns.model, "tokenizer": ns.tokenizer, "guidance_scale": settings.guidance or 0.0,
           "code_temperature": settings.code.temperature, "code_top_k": settings.code.top_k,
           "code_top_p": settings.code.top_p, "pos_temperature": settings.pos.temperature,

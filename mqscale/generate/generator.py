@@ -2,7 +2,8 @@
 
 ``ImageGenerator`` pairs the two (checking that they agree on grid, codebook and L), turns a
 condition list into batches of KV-cached samples (Algorithm 1, ``models/stackformer/sampling.py``,
-with classifier-free guidance when asked) and decodes them. ``python -m mqscale.sample`` and
+with classifier-free guidance when asked; compiled, ``models/stackformer/decode.py``, when
+``--compile`` allows and the images asked for pay for the compile) and decodes them. ``python -m mqscale.sample`` and
 ``python -m mqscale.evaluate`` both generate through it, with the same sampling flags
 (``add_sampling_args``) and prompts (``read_prompts``, ``text_tokenizer_for``), so a grid and an
 FID run sample the same way.
@@ -21,7 +22,8 @@ from mqscale.core import storage
 from mqscale.core.errors import InputError, ManifestError, StorageError
 from mqscale.core.session import default_device
 from mqscale.data.manifest import read_manifest
-from mqscale.models.stackformer.sampling import SamplingParams, sample
+from mqscale.models.stackformer.decode import Decoding
+from mqscale.models.stackformer.sampling import SamplingParams
 from mqscale.tokenize.text import load_text_tokenizer
 from mqscale.tokenizer.config import TOKENIZER
 from mqscale.train.config import STACKFORMER
@@ -36,6 +38,7 @@ class SamplingSettings:
     batch_size: int = 32
     seed: int = 0
     precision: str = "auto"            # auto: bf16 on GPU, fp32 on CPU
+    compile: str = "auto"              # compiled decoding: on, off, auto (when the images asked for pay for it)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +58,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="compiled decoding (torch.compile of the per-token step): auto compiles when the images "
+                        "asked for pay for the compile time; the compile time is reported apart")
 
 
 def settings_from_args(ns: argparse.Namespace) -> SamplingSettings:
@@ -66,7 +72,7 @@ def settings_from_args(ns: argparse.Namespace) -> SamplingSettings:
     if ns.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     return SamplingSettings(params("code"), params("pos"), ns.raster, ns.cfg_scale, ns.batch_size,
-                            ns.seed, ns.precision)
+                            ns.seed, ns.precision, getattr(ns, "compile", "auto"))
 
 
 class ImageGenerator:
@@ -77,6 +83,7 @@ class ImageGenerator:
         self.model, self.run_cfg = STACKFORMER.load(model_dir, self.device)
         self.tokenizer, self.tok_cfg = TOKENIZER.load(tokenizer_dir, self.device)
         self._check_pair(model_dir, tokenizer_dir)
+        self._decoding: Decoding | None = None
 
     @classmethod
     def of(cls, model, run_cfg, tokenizer=None, tok_cfg=None, device: str | torch.device | None = None
@@ -88,6 +95,7 @@ class ImageGenerator:
         self.model, self.run_cfg = model.to(self.device).eval(), run_cfg
         self.tokenizer = tokenizer.to(self.device).eval() if tokenizer is not None else None
         self.tok_cfg = tok_cfg
+        self._decoding = None
         if tokenizer is not None:
             self._check_pair("the model", "the tokenizer")
         return self
@@ -113,6 +121,18 @@ class ImageGenerator:
             raise InputError("--cfg-scale: this model was trained without condition dropout "
                             "(train.p_uncond=0), so its null condition is untrained; guidance needs p_uncond > 0")
 
+    def decoding(self, settings: SamplingSettings) -> Decoding:
+        """The eager/compiled choice for these settings, kept with its compiled decoders (the
+        weights of an exported model never change: frozen into the graph)."""
+        if self._decoding is None or self._decoding.compile != settings.compile:
+            self._decoding = Decoding(settings.compile, freeze=True, say=lambda line: print(line, file=sys.stderr))
+        return self._decoding
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling decoders so far (left out of every images/s)."""
+        return self._decoding.compile_s if self._decoding is not None else 0.0
+
     def _autocast(self, settings: SamplingSettings):
         bf16 = settings.precision == "bf16" or (settings.precision == "auto" and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -125,12 +145,15 @@ class ImageGenerator:
         if cond is not None and len(cond) != n:
             raise ValueError(f"{len(cond)} conditions for {n} images")
         gen = torch.Generator(self.device).manual_seed(settings.seed)
+        decoding = self.decoding(settings)
         for start in range(0, n, settings.batch_size):
             b = min(settings.batch_size, n - start)
             c = cond[start:start + b].to(self.device) if cond is not None else None
+            left = (n - start - b) // b  # later batches of this same size
             with self._autocast(settings):
-                yield sample(self.model, c, batch=b, code=settings.code, pos=settings.pos,
-                             raster=settings.raster, generator=gen, guidance=settings.guidance)
+                yield decoding.sample(self.model, c, batch=b, code=settings.code, pos=settings.pos,
+                                      raster=settings.raster, generator=gen, guidance=settings.guidance,
+                                      batches_left=left)
 
     def images(self, cond: torch.Tensor | None, n: int, settings: SamplingSettings) -> Iterator[torch.Tensor]:
         """Decoded images in [-1, 1], [b, 3, H, W] float32 on the CPU, batch by batch."""
@@ -197,9 +220,10 @@ def text_tokenizer_for(gen: ImageGenerator, spec: str = "", storage_options: dic
 
 def timed_images(gen: ImageGenerator, cond: torch.Tensor | None, n: int,
                  settings: SamplingSettings) -> tuple[torch.Tensor, float]:
-    """All ``n`` images at once, and images/s (sampling + decoding, device synchronised)."""
-    t = time.perf_counter()
+    """All ``n`` images at once, and images/s (sampling + decoding, device synchronised; any
+    compile time left out: it is ``gen.compile_s``)."""
+    t, compiled = time.perf_counter(), gen.compile_s
     out = torch.cat(list(gen.images(cond, n, settings)))
     if gen.device.type == "cuda":
         torch.cuda.synchronize()
-    return out, n / (time.perf_counter() - t)
+    return out, n / (time.perf_counter() - t - (gen.compile_s - compiled))

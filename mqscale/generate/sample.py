@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     images, rate = timed_images(gen, cond, total, settings)
     write_outputs(images, labels, ns)
     guided = f", guidance {settings.guidance}" if settings.guidance is not None else ""
-    print(f"{total} images ({gen.run_cfg.model.seq_len} tokens each{guided}) in {total / rate:.2f}s: "
+    compiled = f" (+ {gen.compile_s:.1f}s compiling the decoder)" if gen.compile_s else ""
+    print(f"{total} images ({gen.run_cfg.model.seq_len} tokens each{guided}) in {total / rate:.2f}s{compiled}: "
           f"{rate:.1f} images/s on {gen.device.type} -> {ns.out}")
     return 0
 

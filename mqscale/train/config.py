@@ -54,6 +54,8 @@ class TrainConfig:
 class TrainLoggingConfig(LoggingConfig):
     tokenizer: str = setting("", doc="exported tokenizer that decodes the sample grids; empty = no grids")
     peak_tflops: float = setting(0.0, ge=0.0, doc="device peak for MFU; 0 = look the device up")
+    sample_compile: Literal["auto", "on", "off"] = setting(
+        "auto", doc="compiled decoding of the sample grids; auto: when the grids still to come pay for the compile")
 
 
 @dataclass

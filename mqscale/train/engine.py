@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from mqscale.core import dist, storage
+from mqscale.core.compiling import inductor_problem
 from mqscale.core.config import merged
-from mqscale.core.errors import ConfigError
+from mqscale.core.errors import CompileError, ConfigError
 from mqscale.models.stackformer.model import Stackformer
 from mqscale.train.config import Config
 from mqscale.train.optim import param_groups
@@ -144,6 +145,39 @@ def build_engine(cfg: Config, world: int):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
     else:
         o = cfg.optim
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **fused_adamw(model))
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    compile_engine(engine, cfg)
     return engine, ds
+
+
+def fused_adamw(model: Stackformer) -> dict:
+    """AdamW's one-kernel update where torch has it for the parameters' device (CPU and CUDA):
+    DeepSpeed steps the torch optimizer on its own (flat, fp32) tensors, on the same device."""
+    device = next(model.parameters()).device.type
+    return {"fused": True} if device in ("cpu", "cuda") else {"foreach": True}
+
+
+def compiled(engine) -> bool:
+    """Whether the engine runs its module compiled (``model.compile``)."""
+    return bool(getattr(engine, "is_compiled", False))
+
+
+def compile_engine(engine, cfg: Config) -> bool:
+    """``model.compile``: compile the module inside the engine with static shapes (the micro-batch
+    and L are fixed), so forward and backward run as inductor graphs; DeepSpeed's hooks (ZeRO's
+    gathers, the gradient reduction) stay outside them. True when compiled. Where inductor cannot
+    compile, ``true`` is a CompileError naming why and ``auto`` trains eagerly, saying so once."""
+    want = cfg.model.compile
+    if want is False:
+        return False
+    problem = inductor_problem(engine.device.type)
+    if problem is not None:
+        if want is True:
+            raise CompileError(f"model.compile: inductor cannot compile on {engine.device.type} here: {problem} "
+                               "(model.compile=auto trains eagerly instead)")
+        if dist.rank() == 0:
+            print(f"note: model.compile=auto: training eagerly, inductor cannot compile here ({problem})")
+        return False
+    engine.compile(backend="inductor", compile_kwargs={"dynamic": False})
+    return True

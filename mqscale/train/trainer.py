@@ -21,6 +21,7 @@ import torch
 
 from mqscale.core import dist, storage
 from mqscale.core.checkpoint import CheckpointStore, choose_resume
+from mqscale.core.compiling import CompileWatch
 from mqscale.core.errors import CheckpointError
 from mqscale.core.images import png_bytes, tile, to_unit
 from mqscale.core.secrets import without_credentials
@@ -28,10 +29,11 @@ from mqscale.core.session import Session, commit_checkpoint, scratch_dir
 from mqscale.core.tensorboard import RunWriter
 from mqscale.data.loader import StreamingLoader
 from mqscale.models.stackformer.counting import train_flops_per_token
-from mqscale.models.stackformer.sampling import SamplingParams, sample
+from mqscale.models.stackformer.decode import Decoding
+from mqscale.models.stackformer.sampling import SamplingParams
 from mqscale.tokenizer.config import TOKENIZER
 from mqscale.train.config import Config
-from mqscale.train.engine import TAG, build_engine
+from mqscale.train.engine import TAG, build_engine, compiled
 from mqscale.train.faults import SampleTrace, fault_point, inject_nan
 from mqscale.train.metrics import Metrics, device_peak_tflops, memory_gb
 from mqscale.train.optim import lr_at, n_params
@@ -71,6 +73,12 @@ class Trainer:
         if cfg.logging.tokenizer and self.rank == 0:
             self.tokenizer, _ = TOKENIZER.load(cfg.logging.tokenizer, self.device)
         self.trace = SampleTrace(self.rank)
+        # a compiled step whose shapes change is recompiled each time: warned, and stopped when a storm
+        self.watch = CompileWatch("the compiled training step", limit=8) if compiled(self.engine) else None
+        # sample grids: weights that train on (not frozen); under ZeRO-3 the gathered weights are
+        # other tensors each time, so decoding stays eager there
+        self.decoding = Decoding("off" if cfg.deepspeed.zero_stage == 3 else cfg.logging.sample_compile,
+                                 freeze=False, say=log.info)
         self.restored_from = self._restore()
 
     # ------------------------------------------------------------------ checkpoints
@@ -148,6 +156,9 @@ class Trainer:
                     self.overflow_total += 1
                 else:
                     ok = False
+        if self.watch is not None:  # after the first backward: the step's graphs are all built
+            shapes = f"codes {list(codes.shape)}"
+            self.watch.check(shapes) if self.watch.armed_at is not None else self.watch.arm(shapes)
         parts = {"loss/total": out.loss.item(), "loss/code": out.code_loss.item(),
                  "loss/position": out.pos_loss.item(), "sequences": rows, "sequences_all": flags[1].item()}
         return loss, parts, ok
@@ -214,6 +225,8 @@ class Trainer:
             t = time.perf_counter()  # sampling and saving stay out of the throughput windows
             if cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
                 self.sample_grid()
+                if self.watch is not None:
+                    self.watch.rebase()  # a grid's decoder compiles are not the step's
             if self.step % every == 0 and self.step < max_steps:
                 self.save({"step": self.step, **last})
             paused += time.perf_counter() - t
@@ -271,8 +284,11 @@ class Trainer:
             gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
         with gathered, torch.autocast(self.device.type, dtype=torch.bfloat16,
                                       enabled=self.cfg.train.precision == "bf16"):
-            codes, pos = sample(self.model, cond, batch=4 * n_cls, code=p, pos=p,
-                                generator=torch.Generator(self.device).manual_seed(0))
+            every = self.cfg.logging.image_every
+            left = (self.cfg.train.max_steps - self.step) // every if every else 0  # grids still to come
+            codes, pos = self.decoding.sample(self.model, cond, batch=4 * n_cls, code=p, pos=p,
+                                              generator=torch.Generator(self.device).manual_seed(0),
+                                              batches_left=left)
         if self.rank == 0:
             self._log_grid(codes, pos, n_cls)
 

@@ -37,6 +37,9 @@ class ModelConfig:
     checkpoint_blocks: list[int] = setting([], doc="recompute only these blocks (code blocks 0.., then "
                                       "position blocks); overrides activation_checkpointing")
     init_std: float = setting(0.02, gt=0.0, doc="std of the normal init of weights")
+    compile: Literal[False, True, "auto"] = setting(
+        False, doc="torch.compile the training step inside the DeepSpeed engine (static shapes); auto: "
+        "eager where inductor cannot compile")
 
     @property
     def n_positions(self) -> int:
