@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-unit test-faults test-heavy bench docs clean-venv
+.PHONY: venv demo test test-unit test-faults test-heavy gpu-check bench docs clean-venv
 
 venv: $(STAMP)
 
@@ -41,6 +41,10 @@ test-faults: $(STAMP)
 # every test marked heavy, across the suite
 test-heavy: $(STAMP)
 	$(BIN)/python -m pytest -q -m heavy
+
+# on one H100/H200: the gpu-marked tests, MFU of 307m/1.4b, 307m sampling; one JSON (about 8 minutes)
+gpu-check: $(STAMP)
+	bench/gpu_check.sh runs/gpu_check.json
 
 # every benchmark script prints one JSON object
 bench: $(STAMP)

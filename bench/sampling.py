@@ -50,6 +50,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compiled", action="store_true", help="eager vs compiled decoding, paired")
     p.add_argument("--cases", default="64x16:16,256x32:8", help="with --compiled: LxGRID:BATCH, ...")
+    p.add_argument("--samplings", default="greedy,top_k", help="with --compiled: greedy, top_k or both")
+    p.add_argument("--dtypes", default="fp32,bf16", help="with --compiled: decoder weights (bf16 where the "
+                   "hardware has bf16 matmul); eager runs in the first one (bf16: autocast)")
     ns = p.parse_args()
     if ns.compiled:
         return compiled_vs_eager(ns)
@@ -111,17 +114,25 @@ def compiled_vs_eager(ns) -> None:
         torch.manual_seed(0)
         model = Stackformer(cfg).to(ns.device).eval()
         cond = torch.arange(B, device=ns.device) % cfg.n_classes
+        dtypes = ns.dtypes.split(",")
+        amp = torch.autocast(ns.device, dtype=torch.bfloat16, enabled=dtypes[0] == "bf16")
         for name, params in (("greedy", SamplingParams(temperature=0.0)),
-                             ("top_k=100", SamplingParams(temperature=1.0, top_k=100))):
+                             ("top_k", SamplingParams(temperature=1.0, top_k=100))):
+            if name not in ns.samplings.split(","):
+                continue
+
             def gen():
                 return torch.Generator(ns.device).manual_seed(0)
 
             def eager():
-                out = sample(model, cond, code=params, pos=params, generator=gen())
+                with amp:
+                    out = sample(model, cond, code=params, pos=params, generator=gen())
                 _sync(ns.device)
                 return out
-            decoders = {"fp32": CompiledDecoder(model, B, L, code=params, pos=params)}
-            if bf16_matmul(torch.device(ns.device)):
+            decoders = {}
+            if "fp32" in dtypes:
+                decoders["fp32"] = CompiledDecoder(model, B, L, code=params, pos=params)
+            if "bf16" in dtypes and bf16_matmul(torch.device(ns.device)):
                 decoders["bf16"] = CompiledDecoder(model, B, L, code=params, pos=params, dtype=torch.bfloat16)
             runs = {"eager": [], **{k: [] for k in decoders}}
             ref = eager()
@@ -131,10 +142,11 @@ def compiled_vs_eager(ns) -> None:
                     eager() if k == "eager" else decoders[k].sample(cond, gen())
                     _sync(ns.device)
                     runs[k].append(time.perf_counter() - t)
-            row = {"L": L, "grid": grid, "batch": B, "sampling": name}
+            row = {"L": L, "grid": grid, "batch": B, "sampling": name, "eager_dtype": dtypes[0]}
             for k, r in runs.items():
                 row[f"{k}_s"] = round(statistics.median(r[1:]), 4)
                 row[f"{k}_spread_s"] = spread(r[1:])
+                row[f"{k}_images_per_s"] = round(B / row[f"{k}_s"], 2)
             for k, d in decoders.items():
                 codes, pos = d.sample(cond, gen())
                 row[f"compile_{k}_s"] = round(d.compile_s, 1)
