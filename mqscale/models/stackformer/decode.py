@@ -34,6 +34,7 @@ import types
 
 import torch
 
+from mqscale.core import compiling
 from mqscale.core.errors import CompileError
 from mqscale.models.stackformer.model import Stackformer
 from mqscale.models.stackformer.sampling import (
@@ -252,8 +253,7 @@ class Decoding:
         return batches_left * eager_s * self.SAVING > cost
 
     def _can_compile(self, device: torch.device) -> bool:
-        from mqscale.core.compiling import inductor_problem  # costs a tiny compile: only when asked
-        problem = inductor_problem(device.type)
+        problem = compiling.inductor_problem(device.type)  # a tiny compile, once per process
         if problem is None:
             return True
         if self.compile == "on":
