@@ -51,19 +51,32 @@ def inductor_problem(device_type: str) -> str | None:
 class CompileWatch:
     """Counts graphs compiled after a warm-up, for a function that should compile once.
 
-    ``arm()`` after the warm-up; ``check(shapes)`` after each later call: a new graph since then
+    ``arm()`` after the warm-up; ``check(shapes)`` after each later call (``observe`` does both,
+    counting the warm-up calls itself): a new graph since then
     is a recompilation, recorded with the shapes of that call; ``limit`` of them is a storm and
     raises ``CompileError`` naming what changed (the counter is process-wide, so a compile of
     anything else in between counts too: callers check right after their own call)."""
 
-    def __init__(self, what: str, limit: int = 3):
-        self.what, self.limit = what, limit
+    def __init__(self, what: str, limit: int = 3, warmup: int = 1):
+        self.what, self.limit, self.warmup = what, limit, warmup
+        self.calls = 0
         self.armed_at: int | None = None
         self.first_shapes: str = ""
         self.recompiles: list[str] = []
 
     def arm(self, shapes: str = "") -> None:
         self.armed_at, self.first_shapes = graphs_compiled(), shapes
+
+    def observe(self, shapes: str = "") -> int:
+        """After each call: the first ``warmup`` calls may compile (ZeRO-3's hooks make the
+        second step compile once more), the next one arms, later ones are checked."""
+        self.calls += 1
+        if self.calls < self.warmup:
+            return 0
+        if self.armed_at is None:
+            self.arm(shapes)
+            return 0
+        return self.check(shapes)
 
     def rebase(self) -> None:
         """Leave out graphs compiled since the last check by something else (a sample grid's decoder)."""

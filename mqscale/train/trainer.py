@@ -74,7 +74,8 @@ class Trainer:
             self.tokenizer, _ = TOKENIZER.load(cfg.logging.tokenizer, self.device)
         self.trace = SampleTrace(self.rank)
         # a compiled step whose shapes change is recompiled each time: warned, and stopped when a storm
-        self.watch = CompileWatch("the compiled training step", limit=8) if compiled(self.engine) else None
+        # (two warm-up micro-steps: under ZeRO-3 the second compiles once more, as DeepSpeed's hooks settle)
+        self.watch = CompileWatch("the compiled training step", limit=8, warmup=2) if compiled(self.engine) else None
         # sample grids: weights that train on (not frozen); under ZeRO-3 the gathered weights are
         # other tensors each time, so decoding stays eager there
         self.decoding = Decoding("off" if cfg.deepspeed.zero_stage == 3 else cfg.logging.sample_compile,
@@ -158,7 +159,7 @@ class Trainer:
                     ok = False
         if self.watch is not None:  # after the first backward: the step's graphs are all built
             shapes = f"codes {list(codes.shape)}"
-            self.watch.check(shapes) if self.watch.armed_at is not None else self.watch.arm(shapes)
+            self.watch.observe(shapes)
         parts = {"loss/total": out.loss.item(), "loss/code": out.code_loss.item(),
                  "loss/position": out.pos_loss.item(), "sequences": rows, "sequences_all": flags[1].item()}
         return loss, parts, ok

@@ -30,8 +30,10 @@ def case_compiled_matches_eager(tmp: str, stage: int, precision: str) -> None:
     t = one_rank_run(tmp, "compiled", *common, "model.compile=true")
     assert engine_mod.compiled(t.engine)
     got = t.fit()
-    # the forward really went through dynamo: graphs were built, and none after the first step
+    # the forward really went through dynamo: graphs were built, and none after the warm-up steps
+    # (ZeRO-3: DeepSpeed's parameter hooks are graph breaks, so a graph per module, not one)
     assert graphs_compiled() > before and t.watch.armed_at is not None and t.watch.recompiles == []
+    assert t.watch.calls == 3
     tol = 2e-4 if precision == "fp32" else 3e-2
     for k in ("loss/total", "loss/code", "loss/position"):
         assert math.isclose(got[k], want[k], rel_tol=tol), (k, got[k], want[k])
@@ -44,6 +46,7 @@ def case_storm_and_unavailable(tmp: str) -> None:
     t.watch.limit = 2
     batch = next(iter(t.loader))
     t.micro_step(batch)
+    t.micro_step(batch)  # the warm-up
     for rows in (5, 6, 7):  # a different micro-batch every step: a recompile each time
         keep = torch.zeros_like(batch["mask"])
         keep[:rows] = True

@@ -136,9 +136,11 @@ class CompiledDecoder:
         self.t.zero_()
 
     def _call(self, x, u_first, u_second):
-        if self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-        return self._compiled(self, x, u_first, u_second)
+        if self.device.type != "cuda":
+            return self._compiled(self, x, u_first, u_second)
+        torch.compiler.cudagraph_mark_step_begin()
+        # a CUDA graph's outputs live in its memory pool and the next replay overwrites them
+        return tuple(t.clone() for t in self._compiled(self, x, u_first, u_second))
 
     @torch.no_grad()
     def _warm_up(self) -> float:
