@@ -72,19 +72,23 @@ class DemoSettings:
 
 @dataclass
 class DemoPaths:
+    """Where the demo keeps what it builds: everything under ``root``, the image sets under
+    ``data`` (default: root; the ablation shares one set among its variants)."""
     root: Path
-    judge: str = ""      # logging.judge; empty: root/judge
+    judge: str = ""      # logging.judge; empty: data/judge
+    data: Path | None = None
+
+    def __post_init__(self):
+        self.data = self.data or self.root
+        self.judge = self.judge or str(self.data / "judge")
 
     @property
     def shapes(self) -> str:
-        return str(self.root / "shapes")
+        return str(self.data / "shapes")
 
     @property
     def heldout(self) -> str:
-        return str(self.root / "shapes-heldout")
-
-    def __post_init__(self):
-        self.judge = self.judge or str(self.root / "judge")
+        return str(self.data / "shapes-heldout")
 
     @property
     def masks(self) -> str:
@@ -97,6 +101,10 @@ class DemoPaths:
     @property
     def export(self) -> str:
         return str(self.root / "exported")
+
+    @property
+    def tokenizer_runs(self) -> str:
+        return str(self.root / "tokenizer_runs")
 
 
 def paths(cfg: Config) -> DemoPaths:
@@ -122,10 +130,7 @@ def prepare(cfg: Config, demo: DemoSettings) -> str:
     demo.timed("judge", t)
     if not have_tokens:
         t = time.perf_counter()
-        ckpt = tokenizer_step(p, demo)
-        Path(tok_dir).mkdir(parents=True, exist_ok=True)
-        for name in ("model.safetensors", "config.json"):
-            shutil.copy(Path(ckpt) / name, Path(tok_dir) / name)
+        install_tokenizer(tokenizer_step(p, demo), tok_dir)
         demo.timed("tokenizer", t)
         t = time.perf_counter()
         reconstruction_step(tok_dir, p, judge, demo)
@@ -158,17 +163,26 @@ def judge_step(p: DemoPaths, demo: DemoSettings, min_accuracy: float) -> LoadedJ
     return load_judge(p.judge, min_accuracy=min_accuracy)   # refused with one line if too weak to trust
 
 
-def tokenizer_step(p: DemoPaths, demo: DemoSettings) -> str:
-    """Train the demo tokenizer under Ray Train. Returns its newest verified checkpoint."""
+def tokenizer_step(p: DemoPaths, demo: DemoSettings, overrides: tuple[str, ...] = ()) -> str:
+    """Train the demo tokenizer (``overrides`` amending configs/mqvae/demo.yaml) under Ray Train.
+    Returns its newest verified checkpoint."""
     t = time.perf_counter()
     cfg = load_tokenizer_config(TOKENIZER_CONFIG, [f"data.train_url={p.shapes}", f"train.max_steps={demo.tokenizer_steps}",
-                                                   f"checkpoint.dir={p.root}/tokenizer_runs",
-                                                   f"logging.tensorboard_dir={p.root}/tokenizer_runs/tb"])
+                                                   f"checkpoint.dir={p.tokenizer_runs}",
+                                                   f"logging.tensorboard_dir={p.tokenizer_runs}/tb", *overrides])
     ckpt = train_on_ray(cfg).checkpoint
     if ckpt is None:
         raise RunFailed(f"the demo tokenizer run under {p.root}/tokenizer_runs left no verified checkpoint")
     print(f"[tokenizer] trained {demo.tokenizer_steps} steps under Ray Train in {time.perf_counter() - t:.0f}s -> {ckpt}")
     return ckpt
+
+
+def install_tokenizer(checkpoint: str, tok_dir: str) -> None:
+    """The checkpoint's export files (a tokenizer checkpoint is an export) copied to ``tok_dir``,
+    the config last, as an export is written."""
+    Path(tok_dir).mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(Path(checkpoint) / name, Path(tok_dir) / name)
 
 
 def reconstruction_step(tokenizer: str, p: DemoPaths, judge: LoadedJudge, demo: DemoSettings) -> dict:

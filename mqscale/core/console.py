@@ -7,10 +7,12 @@ too, at the source, rather than in each command.
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -30,10 +32,15 @@ QUIET_LINES: dict[str, tuple[str, ...]] = {
     # Ray Train's resource request timing out on a busy CPU; Ray's own line calls it safe to ignore
     "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client":
         ("Failed to send resource request for",),
-    # DeepSpeed's print() after it loads its CPU comm op (Ray Train turns a worker's prints into
-    # root-logger records)
-    "": ("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",),
 }
+# Bare print()s and progress bars of the frameworks (no logger to filter), dropped by exact opening
+# while the call that makes them runs (``quiet_prints``): DeepSpeed's, each time it loads its CPU
+# comm op, and its zero_to_fp32's narration of a checkpoint it gathers (mqscale.export says what
+# it made in one line of its own).
+QUIET_PRINTS = ("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
+                "Processing zero checkpoint", "Parsing checkpoint created by deepspeed==",
+                "Detected checkpoint of type zero stage", "Reconstructed fp32 state dict with",
+                "Reconstructed Frozen fp32 state dict with", "Loading checkpoint shards: ")
 # Loggers named by their module's file path (Ray's ``getLogger(__file__)``), so the level set in
 # RunConfig's logging_config, which covers ``ray.train.*`` names, misses them.
 QUIET_FILE_LINES: dict[str, tuple[str, ...]] = {
@@ -59,6 +66,43 @@ class _DropLines(logging.Filter):
 def _drop(logger: logging.Logger, openings: tuple[str, ...]) -> None:
     if not any(isinstance(f, _DropLines) for f in logger.filters):
         logger.addFilter(_DropLines(openings))
+
+
+class _DropPrinted(io.TextIOBase):
+    """A stdout that passes every line on but those starting with one of ``openings``."""
+
+    def __init__(self, stream, openings: tuple[str, ...]):
+        self.stream, self.openings, self.pending = stream, openings, ""
+
+    def _known(self, line: str) -> bool:
+        return line.lstrip("\r").startswith(self.openings)   # a progress bar redraws after "\r"
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if not self._known(line):
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending and not self._known(self.pending):
+            self.stream.write(self.pending)
+        self.pending = ""
+        self.stream.flush()
+
+
+@contextmanager
+def quiet_prints():
+    """Run the block with the frameworks' known bare prints and bars (``QUIET_PRINTS``) dropped
+    from stdout and stderr; every other line passes."""
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _DropPrinted(out, QUIET_PRINTS), _DropPrinted(err, QUIET_PRINTS)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = out, err
 
 
 def quiet_frameworks() -> None:

@@ -79,6 +79,12 @@ def start_ray(address: str | None = None, cpus: float = 0) -> bool:
     # A local cluster: no preemption watcher (a single machine is never drained, and the watcher's
     # start logs a C++ error line about its constructor arguments)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray Train's placement-group cleaner polls the State API, served by the dashboard, which a
+    # local cluster does not run. Given no address, the State API client looks for "the" cluster
+    # on the machine, and where two are up (another user's, a leftover `ray start`) it raises and
+    # the cleaner's thread dies with a traceback. Naming the API server this cluster lacks makes
+    # each poll fail as it does with one cluster: a warning Ray calls harmless (quieted, console.py).
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
     # address="local": a new cluster of our own, never the machine's last `ray start` cluster, which
     # ray.init() would otherwise join (and then refuse num_cpus for)
     ray.init(address="local", log_to_driver=True, include_dashboard=False, logging_level=logging.WARNING,

@@ -62,8 +62,10 @@ def evaluate_tokenizer(tokenizer, images: Iterator, *, inception=None, lpips=Non
     counts = np.zeros(cfg.codebook_size, dtype=np.int64)
     mask_sum = torch.zeros(cfg.grid * cfg.grid, dtype=torch.float64)
     psnrs, ssims, lp, originals, recons = [], [], [], [], []
+    judged: dict[str, list] = {"labels": [], "orig": [], "rec": [], "feats": []}
     with keeping(tokenizer, keep):
-        for x in images:
+        for item in images:
+            x, y = item if isinstance(item, tuple) else (item, None)
             enc = tokenizer.encode(x.to(device))
             rec = tokenizer.decode(enc.codes, enc.positions).float().clamp(-1, 1).cpu()
             a, b = to_uint8(x), to_uint8(rec)

@@ -20,6 +20,7 @@ import torch
 from mqscale.core import dist, storage
 from mqscale.core.compiling import inductor_problem
 from mqscale.core.config import merged
+from mqscale.core.console import quiet_prints
 from mqscale.core.errors import CompileError, ConfigError
 from mqscale.models.stackformer.model import Stackformer
 from mqscale.train.config import Config
@@ -143,7 +144,8 @@ def build_engine(cfg: Config, world: int):
     """(engine, ds_config): the Stackformer wrapped by DeepSpeed with our optimizer recipe."""
     deepspeed = import_deepspeed()
     # adopts the process group Ray Train (or the launcher) already made; ZeRO-3's Init needs it
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    with quiet_prints():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     ds = ds_config(cfg, world)
     model = build_model(cfg, ds)
     groups = param_groups(model, cfg.optim.weight_decay)

@@ -16,11 +16,12 @@ from mqscale.core import storage
 from mqscale.core.checkpoint import MARKER, CheckpointStore
 from mqscale.core.cli import add_storage_options_arg, guarded
 from mqscale.core.config import from_dict
+from mqscale.core.console import quiet_prints
 from mqscale.core.errors import CheckpointError
 from mqscale.core.session import scratch_dir
 from mqscale.models.stackformer.model import Stackformer
 from mqscale.train.config import STACKFORMER, Config
-from mqscale.train.engine import TAG
+from mqscale.train.engine import TAG, import_deepspeed
 from mqscale.train.optim import param_groups
 from mqscale.train.trainer import RUN_CONFIG
 
@@ -36,9 +37,11 @@ def consolidate(ckpt: Path, model) -> dict:
     d = ckpt / TAG
     names = [p.name for p in d.iterdir()]
     if any("zero_pp_rank_" in n and n.endswith("optim_states.pt") for n in names):
-        # deepspeed: heavy, and logs an accelerator probe on import; only ZeRO 1-3 checkpoints need it
+        import_deepspeed()   # its accelerator stated, not probed
+        # deepspeed: heavy; only ZeRO 1-3 checkpoints need it
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)
+        with quiet_prints():
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)
     # Trust boundary: DeepSpeed model-states files are pickles written by our own training run.
     states = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     sd = {k: v.float() for k, v in states["module"].items()}

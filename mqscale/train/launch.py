@@ -16,7 +16,7 @@ import torch
 from mqscale.core import dist, storage
 from mqscale.core.checkpoint import CheckpointStore
 from mqscale.core.config import from_dict
-from mqscale.core.console import setup_logging
+from mqscale.core.console import quiet_prints, setup_logging
 from mqscale.core.ray import RaySession, ray_running, stop_ray, train_on_ray
 from mqscale.core.session import StorageSession
 from mqscale.core.tensorboard import tensorboard_location
@@ -66,7 +66,8 @@ def train_with_ray(cfg: Config) -> TrainRun:
 
 def train_with_launcher(cfg: Config) -> TrainRun:
     """In a process the deepspeed launcher (or torchrun) started: every rank calls it."""
-    import_deepspeed().init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    with quiet_prints():
+        import_deepspeed().init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     url = cfg.checkpoint.run_url(cfg.name)
     validate_run(cfg, dist.world(), url)
     session = StorageSession(url, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last, between_files=during_save)

@@ -18,7 +18,7 @@ from tests.helpers.training import train
 
 pytestmark = pytest.mark.integration
 
-META = TokenMeta(grid=8, codebook_size=256, seq_len=16, cond="class", n_classes=10, tokenizer_sha256="")
+META = TokenMeta(grid=8, codebook_size=256, seq_len=32, cond="class", n_classes=10, tokenizer_sha256="")
 SHARDS, ROWS, CHUNK = 5, 100, 20           # 500 sequences; 2 ranks x 8 = 16 a step: 32 steps an epoch
 
 

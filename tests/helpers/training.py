@@ -25,7 +25,7 @@ from mqscale.train.trainer import Trainer
 from tests.helpers.exports import export_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO_META = TokenMeta(grid=8, codebook_size=256, seq_len=16, cond="class", n_classes=10, tokenizer_sha256="0" * 64)
+DEMO_META = TokenMeta(grid=8, codebook_size=256, seq_len=32, cond="class", n_classes=10, tokenizer_sha256="0" * 64)
 
 
 def build_demo_data(d: Path) -> Path:

@@ -21,7 +21,7 @@ def run(*args):
 @pytest.mark.parametrize("module", ["data_tools.shard_images", "data_tools.make_shapes",
                                     "data_tools.inspect", "data_tools.verify", "mqscale.plan",
                                     "mqscale.train_tokenizer", "mqscale.visualize_masks", "mqscale.tokenize",
-                                    "mqscale.train", "mqscale.export", "mqscale.sample", "mqscale.evaluate",
+                                    "mqscale.train", "mqscale.export", "mqscale.sample", "mqscale.evaluate", "mqscale.judge",
                                     "mqscale.checkpoint"])
 def test_built_tools_have_help(module):
     r = run("-m", module, "--help")
@@ -56,7 +56,7 @@ def test_main_job_builds_its_data_then_trains_judges_and_reports(tmp_path):
     assert noisy == [], noisy[:5]
     assert "verify: OK, 300 decoded, 0 bad" in out and "verify: OK, 60 decoded, 0 bad" in out
     assert "[judge] trained on 300 images" in out and "[tokenizer] trained 4 steps under Ray Train" in out
-    assert (w / "masks.png").is_file() and "kept cells covering objects:" in out
+    assert (w / "masks.png").is_file() and "masks.png (input | importance | kept 32/64 cells | reconstruction" in out
     assert "[tokenizer] held-out reconstructions: judged correct" in out
     assert "images in: 300, sequences out: 300" in out
     loss = losses(out)

@@ -250,10 +250,10 @@ def test_tokenizer_metrics_json_mask_map_and_tensorboard(pair, shapes, tmp_path,
                     f"eval.inception_weights={inception_file}", "eval.inception_size=75") == 0
     rec = json.loads((tmp_path / "out" / "results.json").read_text())
     m = rec["metrics"]
-    assert rec["job"] == "tokenizer" and m["images"] == 20 and m["seq_len"] == 16
+    assert rec["job"] == "tokenizer" and m["images"] == 20 and m["seq_len"] == 32
     assert 0 < m["psnr"] < 60 and -1 <= m["ssim"] <= 1 and 0 < m["codebook_usage"] <= 1 and m["rfid"] >= 0
     assert 1 <= m["codebook_perplexity"] <= 256
-    assert np.isclose(np.array(rec["mask_map"]).sum(), 16)     # each image keeps 16 cells
+    assert np.isclose(np.array(rec["mask_map"]).sum(), 32)     # each image keeps 32 cells
     Image.open(tmp_path / "out" / "mask_map.png").verify()
     tags = hparams_metrics(run_tb(tmp_path))
     assert {"eval/psnr", "eval/ssim", "eval/rfid", "eval/codebook_usage", "hparams"} <= tags

@@ -43,7 +43,7 @@ def test_same_seed_same_images_and_another_seed_differs(pair, tmp_path):
 def test_prints_images_per_second(pair, tmp_path, capsys):
     assert run(pair, tmp_path / "g.png", "--classes", "0", "-n", "2") == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(f"2 images (16 tokens each, guidance {DEFAULT_GUIDANCE:g})") and "images/s on cpu" in line
+    assert line.startswith(f"2 images (32 tokens each, guidance {DEFAULT_GUIDANCE:g})") and "images/s on cpu" in line
 
 
 @pytest.mark.slow

@@ -123,7 +123,7 @@ def test_shards_hold_exactly_what_encode_gives(tok, shapes, tmp_path):
     assert run(tok, shapes, tmp_path / "out") == 0
     m = read_manifest(str(tmp_path / "out"))
     assert [s.n for s in m.shards] == [20, 20, 20, 10]
-    assert m.meta["cond"] == "class" and m.meta["grid"] == 8 and m.meta["seq_len"] == 16
+    assert m.meta["cond"] == "class" and m.meta["grid"] == 8 and m.meta["seq_len"] == 32
     assert m.meta["tokenizer_sha256"] == json.loads((Path(tok) / "config.json").read_text())["weights_sha256"]
     assert m.meta["input_manifest_sha256"] and m.meta["tokenizer_config"]["model"]["resolution"] == 32
     model, _ = TOKENIZER.load(tok)
@@ -306,7 +306,7 @@ def test_flip_twins_decode_to_mirrored_images(tmp_path):
     from mqscale.data.tar import TarWriter
     from mqscale.data.writer import ShardJob, shard_name, write_shard_set
 
-    cfg = load_tokenizer_config("configs/mqvae/demo.yaml", ["model.ch_mult=[1]"])
+    cfg = load_tokenizer_config("configs/mqvae/demo.yaml", ["model.ch_mult=[1]", "model.full_res_blocks=true"])
     G = cfg.model.grid
     torch.manual_seed(0)
     model = MQVAE(cfg.model).eval()

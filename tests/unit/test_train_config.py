@@ -32,8 +32,8 @@ def test_ds_config_follows_the_run_config():
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     # offload needs DeepSpeed's CPU Adam: the same recipe as our AdamW
-    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                           "weight_decay": 0.01}}
+    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                           "weight_decay": 0.05}}
     nvme = ds_config(cfg_of("deepspeed.zero_stage=3", "deepspeed.offload_param=nvme", "deepspeed.nvme_path=/nvme"), 1)
     assert nvme["zero_optimization"]["offload_param"] == {"device": "nvme", "pin_memory": True,
                                                           "nvme_path": "/nvme"}
@@ -78,7 +78,7 @@ def test_optimizer_offload_needs_a_zero_stage():
 def tokens(tmp_path) -> Path:
     from mqscale.data.synthetic import token_set
     from mqscale.data.tokens import TokenMeta
-    meta = TokenMeta(grid=8, codebook_size=256, seq_len=16, cond="class", n_classes=10, tokenizer_sha256="")
+    meta = TokenMeta(grid=8, codebook_size=256, seq_len=32, cond="class", n_classes=10, tokenizer_sha256="")
     token_set(str(tmp_path / "tokens"), [32, 32, 32], meta=meta)
     return tmp_path / "tokens"
 
