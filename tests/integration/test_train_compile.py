@@ -53,7 +53,7 @@ def case_storm_and_unavailable(tmp: str) -> None:
         try:
             t.micro_step({**batch, "mask": keep})
         except CompileError as e:
-            assert "recompilation storm, 2 recompilations" in str(e) and "codes [6, 16]" in str(e), e
+            assert "recompilation storm, 2 recompilations" in str(e) and "codes [6, 32]" in str(e), e
             break
     else:
         raise AssertionError("no storm reported")
