@@ -68,7 +68,9 @@ def case_storm_and_unavailable(tmp: str) -> None:
     assert not engine_mod.compiled(one_rank_run(tmp, "nocc-auto", *SMALL, "model.compile=auto").engine)
 
 
-@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "bf16"), (3, "fp32")])
+# ZeRO-2 bf16 is the demo's setup; ZeRO-0 and ZeRO-3 (two compiles each, 2+ minutes on 2 cores) are heavy
+@pytest.mark.parametrize("stage,precision", [pytest.param(0, "fp32", marks=pytest.mark.heavy), (2, "bf16"),
+                                             pytest.param(3, "fp32", marks=pytest.mark.heavy)])
 def test_compiled_training_step_matches_eager_under_zero(tmp_path, stage, precision):
     in_one_rank(__name__, "case_compiled_matches_eager", str(tmp_path), stage, precision)
 
