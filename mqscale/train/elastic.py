@@ -252,7 +252,7 @@ def check_conversion(src_root: Path, out: Path, tag: str, what: str) -> None:
     """Every fp32 master of the conversion equals DeepSpeed's own consolidation of the source
     partitions (``zero_to_fp32``, another code path), and every Adam moment is there, shaped
     like its parameter and finite."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # heavy: see convert
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         ref = get_fp32_state_dict_from_zero_checkpoint(str(src_root), tag=tag)
     zero = out / "zero"

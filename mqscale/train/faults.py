@@ -10,11 +10,13 @@ preemption, a dying upload or a NaN would meet.
 - ``MQSCALE_FAULT_SAVE=<step>:<rank>:<flag>``: that rank dies in the middle of committing the
   step-``step`` checkpoint, after its first file reached the storage and before the others.
 - ``MQSCALE_FAULT_NAN=kind:step:times[,...]``: see ``inject_nan``.
+- ``MQSCALE_FAULT_SLOW=<seconds>``: every rank sleeps that long after each optimizer step (a
+  run slow enough for a test to take a node away, and give it back, mid-run).
 - ``MQSCALE_TRACE_SAMPLES=<dir>``: every rank appends one JSON line per optimizer step to
   ``<dir>/rank<r>.jsonl`` with the step, the process id, the time, the world size, the worker
   group (``gen``: one id per start of the group, so a step re-done after a restart or a resize
   can be told from the attempt it replaces) and the sample ids it trained on.
-- ``MQSCALE_DUMP_OPTIMIZER=<dir>``: after each start, restore and save, rank 0 writes the fp32
+- ``MQSCALE_DUMP_OPTIMIZER=<dir>``: after each restore and save, rank 0 writes the fp32
   masters and Adam moments of every parameter, gathered whole from all ranks, to
   ``<dir>/<event>-step<k>-world<n>.safetensors`` (for the check that a resize keeps them).
 """
@@ -56,8 +58,11 @@ def _die_once(var: str, step: int, rank: int, what: str) -> None:
 
 
 def fault_point(step: int, rank: int) -> None:
-    """After optimizer step ``step`` (``MQSCALE_FAULT_EXIT``)."""
+    """After optimizer step ``step`` (``MQSCALE_FAULT_EXIT``, ``MQSCALE_FAULT_SLOW``)."""
     _die_once("MQSCALE_FAULT_EXIT", step, rank, "after the step")
+    slow = os.environ.get("MQSCALE_FAULT_SLOW")
+    if slow:
+        time.sleep(float(slow))
 
 
 def during_save(step: int, rank: int) -> None:
@@ -127,7 +132,7 @@ def full_optimizer_state(engine) -> dict[str, torch.Tensor]:
     """{"<param>/fp32|exp_avg|exp_avg_sq": whole fp32 tensor} of a DeepSpeed engine, gathered
     from every rank's partition (a collective under ZeRO 1-3: every rank calls it). ZeRO-0 keeps
     whole copies: the optimizer's fp32 groups and their Adam state."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # heavy: workers only
     out = {}
     named = list(engine.module.named_parameters())
     if engine.zero_optimization_stage() == 0:
@@ -141,6 +146,12 @@ def full_optimizer_state(engine) -> dict[str, torch.Tensor]:
                 if key in state:
                     out[f"{name}/{key}"] = state[key].detach().float().cpu().clone()
         return out
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO 1/2 link each parameter to its Adam-state fragment once, lazily, and can do it
+        # before the state exists (the links stay empty): link them again now that it does
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
     for name, p in named:
         out[f"{name}/fp32"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
         for key in ("exp_avg", "exp_avg_sq"):
@@ -157,6 +168,6 @@ def dump_optimizer(engine, event: str, step: int, world: int, rank: int) -> None
         return
     state = full_optimizer_state(engine)
     if rank == 0:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # the fault suite's dump only
         Path(d).mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(d) / f"{event}-step{step}-world{world}.safetensors"))

@@ -95,7 +95,6 @@ class Trainer:
         whole checkpoint) when it is another; then its data position and RNG."""
         found = self.found
         if found is None:
-            dump_optimizer(self.engine, "start", 0, self.world, self.rank)
             return None
         source = self.conversion or found
         with scratch_dir("mqscale-restore-") as d:
