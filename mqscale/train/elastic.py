@@ -265,7 +265,11 @@ def check_conversion(src_root: Path, out: Path, tag: str, what: str) -> None:
             f = zero / name / f"{key}.pt"
             if not f.exists():
                 raise CheckpointError(f"{what}: the universal conversion lacks {key} of {name}")
-            t = torch.load(f, map_location="cpu", weights_only=True)["param"]
+            t = torch.load(f, map_location="cpu", weights_only=True)
+            # ZeRO 1/2: {"param": tensor shaped like the parameter}; ZeRO-3: the bare tensor, flat
+            t = t["param"] if isinstance(t, dict) else t
+            if t.numel() == master.numel() and t.dim() == 1:
+                t = t.reshape(master.shape)
             if t.shape != master.shape or not bool(torch.isfinite(t).all()):
                 raise CheckpointError(f"{what}: the universal conversion's {key} of {name} is {tuple(t.shape)} "
                                       f"or not finite (the parameter is {tuple(master.shape)})")
@@ -274,8 +278,9 @@ def check_conversion(src_root: Path, out: Path, tag: str, what: str) -> None:
                                       "the checkpoint's")
 
 
-def prune_conversions(store: CheckpointStore) -> None:
-    """Rank 0 after a save: conversions of checkpoints the run no longer has are deleted."""
+def prune_conversions(store: CheckpointStore, keep_last: int) -> None:
+    """Rank 0 after a save: conversions of checkpoints the run no longer keeps (not among its
+    ``keep_last`` newest: Ray deletes the oldest after this save) are deleted."""
     base = storage.join(store.run_url, UNIVERSAL)
     filesystem, root = storage.get_fs(base, store.storage_options)
     try:
@@ -285,7 +290,7 @@ def prune_conversions(store: CheckpointStore) -> None:
         entries = filesystem.ls(root, detail=False)
     except OSError:
         return
-    kept = {posixpath.basename(c.url.rstrip("/")) for c in store.candidates()}
+    kept = {posixpath.basename(c.url.rstrip("/")) for c in store.candidates()[:keep_last]}
     for path in entries:
         if posixpath.basename(path.rstrip("/")).rsplit("-", 1)[0] not in kept:
             try:

@@ -150,7 +150,7 @@ class Trainer:
                 (staging / elastic.RESIZE).write_text(json.dumps(record, indent=1))
             commit_checkpoint(self.session, self.store, staging, self.step, metrics, {"name": self.cfg.name})
             if self.rank == 0:
-                elastic.prune_conversions(self.store)
+                elastic.prune_conversions(self.store, self.cfg.checkpoint.keep_last)
         dump_optimizer(self.engine, "saved", self.step, self.world, self.rank)
         self.tb.sync()
 
