@@ -276,7 +276,12 @@ def elastic(data: Path, work: Path) -> dict:
 
     def lose_a_node() -> None:
         end = time.time() + 600
-        while time.time() < end and not any(c.step >= 3 for c in store.candidates()):
+        def past_a_checkpoint() -> bool:    # every file of it there, and a step trained after it
+            last = store.latest_valid()
+            steps = [json.loads(x)["step"] for f in trace.glob("rank*.jsonl") for x in f.read_text().splitlines()]
+            return last is not None and last.step >= 3 and max(steps, default=0) > last.step
+
+        while time.time() < end and not past_a_checkpoint():
             time.sleep(0.2)
         removed.append(time.time())
         cluster.remove_node(second)
