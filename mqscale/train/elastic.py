@@ -81,23 +81,30 @@ def plan_batch(cfg: Config, world: int, saved: dict | None = None, source: str =
     """The batch of a run on ``world`` workers; ConfigError (one line) when none keeps it.
 
     Without a checkpoint (``saved`` None, or one from before ``resize.json``): the config's
-    (``train.global_batch``, else data.batch_size x world x train.grad_accum). With one: the
+    (``train.global_batch``, else data.batch_size x world x train.grad_accum, where an elastic
+    run counts its most workers, so its batch does not depend on how many Ray starts). With one: the
     global batch it was saved with, unless ``train.global_batch`` asks for another."""
     t, micro = cfg.train, cfg.data.batch_size
     lowest = min(t.min_micro_batch or micro, micro)
     if saved is None:
-        if not t.global_batch:
+        g, key = t.global_batch, "train.global_batch"
+        if not g and cfg.ray.elastic:   # the same global batch whichever world Ray starts with
+            g = micro * cfg.ray.worlds[-1] * t.grad_accum
+            key = f"ray.num_workers: {list(cfg.ray.num_workers)}: the global batch (data.batch_size x max x grad_accum)"
+        if not g:
             return BatchPlan(world, micro, t.grad_accum)
         per_micro = micro * world
-        if t.global_batch % per_micro:
-            b = _fits(t.global_batch, world, micro, lowest)
+        if g % per_micro:
+            b = _fits(g, world, micro, lowest)
             if b is None:
-                fits = _worlds_that_fit(t.global_batch, micro, lowest, world)
-                raise ConfigError(f"train.global_batch: {t.global_batch} is not divisible by data.batch_size x world "
+                fits = _worlds_that_fit(g, micro, lowest, world)
+                raise ConfigError(f"{key}: {g} is not divisible by data.batch_size x world "
                                   f"= {micro} x {world} = {per_micro} (worlds that keep it: "
                                   f"{', '.join(map(str, fits)) or 'none'})")
-            return BatchPlan(world, b, t.global_batch // (b * world))
-        accum = t.global_batch // per_micro
+            return BatchPlan(world, b, g // (b * world))
+        accum = g // per_micro
+        if not t.global_batch:
+            return BatchPlan(world, micro, accum)
         if t.grad_accum not in (1, accum):
             raise ConfigError(f"train.grad_accum: {t.grad_accum} contradicts train.global_batch={t.global_batch} "
                               f"(which implies {accum})")

@@ -158,3 +158,9 @@ def test_batch_plans_keep_the_global_batch():
         plan_batch(cfg_of("data.batch_size=8", "train.global_batch=16"), 3)
 
 
+    # an elastic run's fresh batch counts its most workers, whichever number Ray starts it with
+    elastic = cfg_of("data.batch_size=8", "ray.num_workers=[1, 2]")
+    assert [str(plan_batch(elastic, w)) for w in (1, 2)] == ["16 = 8 x 1 x 2", "16 = 8 x 2 x 1"]
+    with pytest.raises(ConfigError, match=r"ray.num_workers: \[1, 3\]: the global batch .*: 24 is not divisible by "
+                                          r"data.batch_size x world = 8 x 2 = 16"):
+        plan_batch(cfg_of("data.batch_size=8", "ray.num_workers=[1, 3]"), 2)
