@@ -71,8 +71,9 @@ def png_bytes(image: torch.Tensor) -> bytes:
 
 
 def grid_png(images: torch.Tensor, cols: int, row_labels: list[str] | None = None,
-             min_cell: int = 64, pad: int = 2) -> bytes:
-    """One PNG of float [-1, 1] images [N, 3, H, W], ``cols`` per row, rows optionally labelled."""
+             min_cell: int = 64, pad: int = 2, col_labels: list[str] | None = None) -> bytes:
+    """One PNG of float [-1, 1] images [N, 3, H, W], ``cols`` per row, rows and columns optionally
+    labelled (row labels on the left, column labels above)."""
     arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
     n, h, w, _ = arr.shape
     scale = max(1, -(-min_cell // max(h, w)))
@@ -83,12 +84,16 @@ def grid_png(images: torch.Tensor, cols: int, row_labels: list[str] | None = Non
     draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     margin = max((int(draw_probe.textlength(s, font=font)) for s in labels), default=0)
     margin = margin + 3 * pad if margin else 0
-    canvas = Image.new("RGB", (margin + cols * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    top = 14 + pad if col_labels else 0
+    canvas = Image.new("RGB", (margin + cols * (w + pad) + pad, top + rows * (h + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
     for i in range(n):
         r, c = divmod(i, cols)
         cell = Image.fromarray(arr[i]).resize((w, h), Image.NEAREST)
-        canvas.paste(cell, (margin + pad + c * (w + pad), pad + r * (h + pad)))
+        canvas.paste(cell, (margin + pad + c * (w + pad), top + pad + r * (h + pad)))
     for r, s in enumerate(labels):
-        draw.text((pad, pad + r * (h + pad) + h // 2 - 5), s, fill="black", font=font)
+        draw.text((pad, top + pad + r * (h + pad) + h // 2 - 5), s, fill="black", font=font)
+    for c, s in enumerate((col_labels or [])[:cols]):
+        x = margin + pad + c * (w + pad) + (w - int(draw_probe.textlength(str(s), font=font))) // 2
+        draw.text((max(x, 0), pad), str(s), fill="black", font=font)
     return _encode(canvas)

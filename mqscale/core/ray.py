@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +34,17 @@ import ray.train  # noqa: E402
 import ray.train.torch  # noqa: E402
 from ray.train import CheckpointConfig as RayCheckpointConfig  # noqa: E402
 from ray.train import FailureConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.train import LoggingConfig as RayLoggingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from mqscale.core import storage  # noqa: E402
 from mqscale.core.checkpoint import CheckpointConfig  # noqa: E402
 from mqscale.core.config import setting, to_dict  # noqa: E402
+from mqscale.core.console import quiet_frameworks  # noqa: E402
 from mqscale.core.errors import RunFailed  # noqa: E402
 
 log = logging.getLogger("mqscale.ray")
+SETUP_HOOK = "mqscale.core.console.quiet_frameworks"   # run by Ray in every worker process it starts
 
 
 @dataclass
@@ -89,8 +93,20 @@ def start_ray(address: str | None = None, cpus: float = 0) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    local = {} if address else {"num_cpus": max(os.cpu_count() or 1, math.ceil(cpus))}
-    ray.init(address=address, log_to_driver=True, include_dashboard=False if not address else None, **local)
+    quiet_frameworks()
+    if not sys.stdout.isatty():   # no colour codes in a log file or a pipe
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if address:   # the job's runtime_env (launchers/runtime_env.yaml) names the same setup hook
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        return True
+    # A local cluster: no preemption watcher (a single machine is never drained, and the watcher's
+    # start logs a C++ error line about its constructor arguments)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # address="local": a new cluster of our own, never the machine's last `ray start` cluster, which
+    # ray.init() would otherwise join (and then refuse num_cpus for)
+    ray.init(address="local", log_to_driver=True, include_dashboard=False, logging_level=logging.WARNING,
+             num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)),
+             runtime_env={"worker_process_setup_hook": SETUP_HOOK})
     return True
 
 
@@ -119,6 +135,7 @@ def launch(worker_fn: Callable[[dict], None], payload: dict[str, Any], ray_cfg: 
         scaling_config=ScalingConfig(num_workers=n, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=ray_cfg.resize_interval_s),
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
+                             logging_config=RayLoggingConfig(log_level="WARNING"),   # Ray Train's own INFO lines
                              failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                              checkpoint_config=RayCheckpointConfig(num_to_keep=ckpt_cfg.keep_last)),
     )

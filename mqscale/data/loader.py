@@ -371,18 +371,20 @@ class StreamingLoader:
         self.carry = Carry(carry.world, carry.workers, carry.window, tuple(left)) if left else None
 
 
-def iter_images(url: str, resolution: int, n: int, batch_size: int,
-                storage_options: dict | None = None) -> Iterator[torch.Tensor]:
+def iter_images(url: str, resolution: int, n: int, batch_size: int, storage_options: dict | None = None,
+                labelled: bool = False) -> Iterator:
     """The first ``n`` decodable images of an image shard set, in shard order (so two models are
-    measured on the same images), as float [-1, 1] batches [b, 3, H, W] on the CPU."""
+    measured on the same images), as float [-1, 1] batches [b, 3, H, W] on the CPU; with
+    ``labelled``, (images, class labels [b]) pairs (-1 where a sample has no class)."""
     loader = StreamingLoader(url, DataConfig(kind="images", batch_size=batch_size, num_workers=0, shuffle=False,
                                              resolution=resolution, storage_options=storage_options or {}))
     left = n
     for batch in loader:
-        x = from_uint8(batch["images"])[batch["mask"]][:left]
+        keep = batch["mask"]
+        x, y = from_uint8(batch["images"])[keep][:left], batch["labels"][keep][:left].long()
         if len(x):
             left -= len(x)
-            yield x
+            yield (x, y) if labelled else x
         if left <= 0:
             return
 

@@ -18,6 +18,10 @@ class EvalSection:
     inception_size: int = setting(299, ge=75, doc="Inception input side; 299 is the standard every paper uses")
     vgg_weights: str = setting("", doc="VGG16 features weights for LPIPS (torchvision layout)")
     lpips_weights: str = setting("", doc="LPIPS linear heads (lpips package vgg.pth layout)")
+    judge: str = setting("", doc="exported quality judge (python -m mqscale.judge): conditional accuracy and "
+                         "FD_judge of a generator, reconstruction accuracy of a tokenizer; needs no download")
+    judge_min_accuracy: float = setting(0.97, gt=0.0, le=1.0, doc="a judge below this held-out accuracy is "
+                                        "refused (lower it on purpose only)")
     num_samples: int = setting(50000, ge=2, doc="generated images for FID/IS (the field reports 50k)")
     num_reference: int = setting(50000, ge=2, doc="reference images for FID statistics (at most the whole set)")
     num_images: int = setting(10000, ge=1, doc="images for tokenizer metrics")

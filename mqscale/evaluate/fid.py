@@ -1,8 +1,6 @@
 """FID and IS: Inception features, their statistics, and reference statistics kept beside the shards.
 
-FID = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^1/2) over 2048-d pool features; the trace of
-the matrix square root is taken as the sum of the square roots of the eigenvalues of
-S1^1/2 S2 S1^1/2, a symmetric PSD matrix, so no complex parts or scipy are needed. IS =
+FID is the Fréchet distance (``core.frechet``) between 2048-d pool features. IS =
 exp(E_x KL(p(y|x) || p(y))) over 10 splits, from the logits without bias (torch-fidelity's way).
 
 The Inception weights are never downloaded: ``load_inception`` reads the pytorch-fid /
@@ -16,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -24,6 +21,7 @@ import torch
 
 from mqscale.core import storage
 from mqscale.core.errors import InputError
+from mqscale.core.frechet import FeatureStats
 from mqscale.data.manifest import base_of, manifest_url
 from mqscale.models.inception import InceptionV3
 from mqscale.models.lpips import state_dict_from_bytes
@@ -74,35 +72,6 @@ def extract(model: InceptionV3, batches: Iterable[torch.Tensor]) -> tuple[np.nda
     if not feats:
         raise ValueError("no images to compute features of")
     return np.concatenate(feats), np.concatenate(logits)
-
-
-@dataclass
-class FeatureStats:
-    mu: np.ndarray       # [D] float64
-    sigma: np.ndarray    # [D, D] float64
-    n: int
-
-    @classmethod
-    def of(cls, features: np.ndarray) -> "FeatureStats":
-        f = np.asarray(features, dtype=np.float64)
-        if f.ndim != 2 or len(f) < 2:
-            raise ValueError(f"need at least 2 feature vectors [N, D], got {f.shape}")
-        return cls(f.mean(axis=0), np.cov(f, rowvar=False), len(f))
-
-
-def _sqrt_psd(a: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
-    if a.mu.shape != b.mu.shape:
-        raise ValueError(f"statistics of {a.mu.shape[0]}-d and {b.mu.shape[0]}-d features")
-    root = _sqrt_psd(a.sigma)
-    m = root @ b.sigma @ root
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    d = float(((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_sqrt)
-    return max(d, 0.0)
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:

@@ -12,12 +12,11 @@ import time
 import numpy as np
 import torch
 
+from mqscale.core.frechet import FeatureStats, frechet_distance
 from mqscale.core.images import to_uint8
 from mqscale.data.loader import iter_images
 from mqscale.evaluate.fid import (
-    FeatureStats,
     extract,
-    frechet_distance,
     inception_score,
     load_reference,
     save_reference,
@@ -25,6 +24,7 @@ from mqscale.evaluate.fid import (
     stats_location,
 )
 from mqscale.generate.generator import ImageGenerator, SamplingSettings
+from mqscale.judge.metrics import LoadedJudge, accuracy
 
 
 def evaluation_conditions(gen: ImageGenerator, n: int, prompt_ids: torch.Tensor | None = None
@@ -77,3 +77,23 @@ def evaluate_generator(gen: ImageGenerator, settings: SamplingSettings, inceptio
     return {"fid": frechet_distance(FeatureStats.of(feats_all), reference), "is": is_mean, "is_std": is_std,
             "images": float(len(feats_all)), "reference_images": float(reference.n),
             "images_per_s": len(feats_all) / max(sampling, 1e-9)}
+
+
+def judge_generator(gen: ImageGenerator, settings: SamplingSettings, judge: LoadedJudge, n: int,
+                    prompt_ids: torch.Tensor | None = None) -> dict[str, float]:
+    """Conditional accuracy and FD_judge of ``n`` generated images (classes in turn)."""
+    cond = evaluation_conditions(gen, n, prompt_ids)
+    if cond is None or gen.cond_kind != "class":
+        raise ValueError("conditional accuracy needs a class-conditional generator")
+    preds, feats = [], []
+    t, sampling = time.perf_counter(), 0.0
+    for images in gen.images(cond, n, settings):
+        sampling += time.perf_counter() - t
+        p, f = judge.judge(images)
+        preds.append(p)
+        feats.append(f)
+        t = time.perf_counter()
+    pred, f = torch.cat(preds), np.concatenate(feats)
+    per_class = [accuracy(pred[cond == c], cond[cond == c]) for c in cond.unique().tolist()]
+    return {"cond_acc": accuracy(pred, cond), "worst_class_cond_acc": min(per_class), "fd_judge": judge.fd(f),
+            "images": float(len(pred)), "images_per_s": len(pred) / max(sampling, 1e-9)}

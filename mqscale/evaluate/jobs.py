@@ -27,11 +27,12 @@ from mqscale.core.session import default_device
 from mqscale.core.tensorboard import safe_hparams
 from mqscale.data.loader import iter_images
 from mqscale.evaluate.config import EvalRunConfig
-from mqscale.evaluate.fid import load_inception, missing_weights
-from mqscale.evaluate.generation import evaluate_generator, reference_stats
+from mqscale.evaluate.fid import load_inception, missing_weights, source_identity
+from mqscale.evaluate.generation import evaluate_generator, judge_generator, reference_stats
 from mqscale.evaluate.reconstruction import evaluate_tokenizer
 from mqscale.evaluate.sweep import markdown_table, parse_sweep, plot_png, sampling_speed
 from mqscale.generate.generator import ImageGenerator, SamplingSettings, read_prompts, text_tokenizer_for
+from mqscale.judge.metrics import LoadedJudge, load_judge
 from mqscale.models.lpips import load_lpips
 from mqscale.tokenize.text import encode_batch
 from mqscale.tokenizer.config import TOKENIZER
@@ -110,6 +111,18 @@ class Evaluation:
             self._inception = load_inception(e.inception_weights, self.storage_options, self.device, e.inception_size)
         return self._inception
 
+    def judge(self, resolution: int) -> LoadedJudge | None:
+        """The configured judge, checked against the images measured (resolution, dataset), or None."""
+        e = self.cfg.eval
+        if not e.judge:
+            return None
+        try:
+            dataset = source_identity(self.inputs.data, self.storage_options)
+        except (OSError, ValueError):
+            dataset = None   # a brace pattern: no manifest to check the judge against
+        return load_judge(e.judge, self.device, resolution=resolution, dataset_sha256=dataset,
+                          min_accuracy=e.judge_min_accuracy)
+
     def lpips(self):
         e = self.cfg.eval
         if not (e.vgg_weights and e.lpips_weights):
@@ -150,10 +163,13 @@ def _metrics(m: dict) -> dict[str, float]:
 
 
 def run_generator(ev: Evaluation, settings: SamplingSettings) -> dict:
+    """FID/IS with the Inception weights, conditional accuracy and FD_judge with a judge: whichever
+    are configured (at least one)."""
     e, ns = ev.cfg.eval, ev.inputs
-    inception, sha = ev.inception(required=True)
     gen = ImageGenerator(ns.model, ns.tokenizer, ev.device)
-    gen.check_guidance(settings)
+    settings = gen.settle(settings)
+    judge = ev.judge(gen.tok_cfg.model.resolution) if gen.cond_kind == "class" else None
+    inception = ev.inception(required=judge is None)
     prompts = None
     if gen.cond_kind == "text":
         if not ns.prompts:
@@ -161,16 +177,24 @@ def run_generator(ev: Evaluation, settings: SamplingSettings) -> dict:
         tok = text_tokenizer_for(gen, ns.text_tokenizer, ev.storage_options)
         prompts = torch.from_numpy(encode_batch(tok, read_prompts(ns.prompts, ev.storage_options),
                                                 gen.run_cfg.model.text_len)).long()
-    ref = reference_stats(ns.data, inception, sha, gen.tok_cfg.model.resolution, e.num_reference, e.batch_size,
-                          ev.storage_options)
-    m = evaluate_generator(gen, settings, inception, ref, e.num_samples, e.is_splits, prompts)
-    print(f"FID {m['fid']:.3f}  IS {m['is']:.3f} ± {m['is_std']:.3f}  ({m['images']:.0f} generated vs "
-          f"{m['reference_images']:.0f} reference images; {m['images_per_s']:.1f} images/s sampling)")
+    m: dict = {}
+    if inception is not None:
+        model, sha = inception
+        ref = reference_stats(ns.data, model, sha, gen.tok_cfg.model.resolution, e.num_reference, e.batch_size,
+                              ev.storage_options)
+        m.update(evaluate_generator(gen, settings, model, ref, e.num_samples, e.is_splits, prompts))
+        print(f"FID {m['fid']:.3f}  IS {m['is']:.3f} ± {m['is_std']:.3f}  ({m['images']:.0f} generated vs "
+              f"{m['reference_images']:.0f} reference images; {m['images_per_s']:.1f} images/s sampling)")
+    if judge is not None:
+        q = judge_generator(gen, settings, judge, e.num_samples)
+        print(f"conditional accuracy {q['cond_acc']:.3f} (worst class {q['worst_class_cond_acc']:.3f}), FD_judge "
+              f"{q['fd_judge']:.2f} over {q['images']:.0f} images ({q['images_per_s']:.1f} images/s); {judge.describe()}")
+        m.update({k: v for k, v in q.items() if k not in m})
     hp = {"job": "generator", "model": ns.model, "tokenizer": ns.tokenizer, "guidance_scale": settings.guidance or 0.0,
           "code_temperature": settings.code.temperature, "code_top_k": settings.code.top_k,
           "code_top_p": settings.code.top_p, "pos_temperature": settings.pos.temperature,
           "pos_top_k": settings.pos.top_k, "pos_top_p": settings.pos.top_p, "raster": settings.raster,
-          "seed": settings.seed}
+          "seed": settings.seed, "judge": e.judge}
     ev.report("generator", m, hp)
     return m
 
@@ -179,15 +203,18 @@ def run_tokenizer(ev: Evaluation) -> dict:
     e, ns = ev.cfg.eval, ev.inputs
     tok, tcfg = ev.tokenizer(ns.tokenizer)
     inc = ev.inception(required=False)
+    judge = ev.judge(tcfg.model.resolution)
     res = evaluate_tokenizer(tok, iter_images(ns.data, tcfg.model.resolution, e.num_images, e.batch_size,
-                                              ev.storage_options), inception=inc[0] if inc else None, lpips=ev.lpips())
+                                              ev.storage_options, labelled=judge is not None),
+                             inception=inc[0] if inc else None, lpips=ev.lpips(), judge=judge)
     m = res.metrics
     side = 16 * tcfg.model.grid
     ev.write("mask_map.png", png_bytes(heat_map(torch.from_numpy(res.mask_map)[None], max(side, 128))[0]))
     shown = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("images", "seq_len", "mask_ratio"))
     print(f"tokenizer over {m['images']:.0f} images, L = {m['seq_len']:.0f} of {tcfg.model.grid ** 2} cells: {shown}")
     missing = [w for w, ok in (("LPIPS (eval.vgg_weights, eval.lpips_weights)", "lpips" in m),
-                               ("rFID (eval.inception_weights)", "rfid" in m)) if not ok]
+                               ("rFID (eval.inception_weights)", "rfid" in m),
+                               ("reconstruction accuracy (eval.judge)", "recon_accuracy" in m)) if not ok]
     if missing:
         print(f"not measured, no weights given: {', '.join(missing)}")
     hp = {"job": "tokenizer", "tokenizer": ns.tokenizer, "mask_ratio": m["mask_ratio"], "seq_len": m["seq_len"]}

@@ -4,7 +4,9 @@ Over the first N images of an image shard set (in shard order, so two tokenizers
 images): PSNR and SSIM on the uint8 images, LPIPS when its weights are given, rFID (FID of the
 reconstructions against the originals) when the Inception weights are given, codebook usage
 (share of codes used) and perplexity (exp of the code distribution's entropy), and the mean map
-of kept cells. ``keep`` overrides how many cells the mask keeps, for the mask-ratio sweep.
+of kept cells. ``keep`` overrides how many cells the mask keeps, for the mask-ratio sweep. With a
+quality judge (and labelled images): its accuracy on the reconstructions next to its accuracy on
+the originals, and FD_judge of the reconstructions against its held-out real images.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mqscale.core.frechet import FeatureStats, frechet_distance
 from mqscale.core.images import psnr, to_uint8
-from mqscale.evaluate.fid import FeatureStats, extract, frechet_distance
+from mqscale.evaluate.fid import extract
 from mqscale.evaluate.image_metrics import ssim
+from mqscale.judge.metrics import LoadedJudge, accuracy
 
 
 @contextmanager
@@ -50,8 +54,9 @@ def codebook_stats(counts: np.ndarray) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_tokenizer(tokenizer, images: Iterator[torch.Tensor], *, inception=None, lpips=None,
-                       keep: int | None = None) -> ReconstructionResult:
+def evaluate_tokenizer(tokenizer, images: Iterator, *, inception=None, lpips=None, keep: int | None = None,
+                       judge: LoadedJudge | None = None) -> ReconstructionResult:
+    """``images`` yields float [-1, 1] batches, or (batch, labels) pairs (needed with ``judge``)."""
     cfg = tokenizer.cfg
     device = next(tokenizer.parameters()).device
     counts = np.zeros(cfg.codebook_size, dtype=np.int64)
@@ -69,6 +74,14 @@ def evaluate_tokenizer(tokenizer, images: Iterator[torch.Tensor], *, inception=N
             if inception is not None:  # features batch by batch: the images themselves are not kept
                 originals.append(extract(inception, [a])[0])
                 recons.append(extract(inception, [b])[0])
+            if judge is not None:
+                if y is None:
+                    raise ValueError("reconstruction accuracy needs labelled images")
+                judged["labels"].append(y)
+                judged["orig"].append(judge.judge(x)[0])
+                pred, feats = judge.judge(rec)
+                judged["rec"].append(pred)
+                judged["feats"].append(feats)
             counts += np.bincount(enc.codes.flatten().cpu().numpy(), minlength=cfg.codebook_size)
             mask_sum += torch.zeros_like(mask_sum).scatter_add_(
                 0, enc.positions.flatten().cpu(), torch.ones(enc.positions.numel(), dtype=torch.float64))
@@ -85,4 +98,11 @@ def evaluate_tokenizer(tokenizer, images: Iterator[torch.Tensor], *, inception=N
     if inception is not None:
         metrics["rfid"] = frechet_distance(FeatureStats.of(np.concatenate(originals)),
                                            FeatureStats.of(np.concatenate(recons)))
+    if judge is not None:
+        labels = torch.cat(judged["labels"])
+        if (labels < 0).any():
+            raise ValueError("reconstruction accuracy needs class-labelled images; some have no class")
+        metrics["recon_accuracy"] = accuracy(torch.cat(judged["rec"]), labels)
+        metrics["original_accuracy"] = accuracy(torch.cat(judged["orig"]), labels)
+        metrics["fd_judge"] = judge.fd(np.concatenate(judged["feats"]))
     return ReconstructionResult(metrics, (mask_sum / n).view(cfg.grid, cfg.grid).numpy(), counts)

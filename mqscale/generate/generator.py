@@ -10,6 +10,7 @@ FID run sample the same way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,18 +22,25 @@ from mqscale.core import storage
 from mqscale.core.errors import InputError, ManifestError, StorageError
 from mqscale.core.session import default_device
 from mqscale.data.manifest import read_manifest
-from mqscale.models.stackformer.sampling import SamplingParams, sample
+from mqscale.models.stackformer.sampling import (DEFAULT_GUIDANCE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
+                                                  SamplingParams, default_params, sample)
 from mqscale.tokenize.text import load_text_tokenizer
 from mqscale.tokenizer.config import TOKENIZER
 from mqscale.train.config import STACKFORMER
 
 
+AUTO = "auto"
+
+
 @dataclass
 class SamplingSettings:
-    code: SamplingParams = field(default_factory=SamplingParams)
-    pos: SamplingParams = field(default_factory=SamplingParams)
+    """How images are drawn; the defaults are what ``mqscale.sample`` draws with no flags."""
+    code: SamplingParams = field(default_factory=default_params)
+    pos: SamplingParams = field(default_factory=default_params)
     raster: bool = True
-    guidance: float | None = None      # classifier-free guidance scale; None: off
+    # classifier-free guidance scale; None: off; "auto": DEFAULT_GUIDANCE for a conditional model
+    # trained with condition dropout, off otherwise (``ImageGenerator.settle``)
+    guidance: float | str | None = AUTO
     batch_size: int = 32
     seed: int = 0
     precision: str = "auto"            # auto: bf16 on GPU, fp32 on CPU
@@ -41,20 +49,33 @@ class SamplingSettings:
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     for stream in ("code", "pos"):
-        g.add_argument(f"--{stream}-temperature", type=float, default=1.0, metavar="T",
+        g.add_argument(f"--{stream}-temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
                        help=f"{stream} temperature; 0 = greedy (default %(default)s)")
-        g.add_argument(f"--{stream}-top-k", type=int, default=0, metavar="K",
+        g.add_argument(f"--{stream}-top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
                        help=f"{stream} top-k; 0 = off (default %(default)s)")
         g.add_argument(f"--{stream}-top-p", type=float, default=1.0, metavar="P",
                        help=f"{stream} nucleus mass; 1 = off (default %(default)s)")
     g.add_argument("--no-raster", dest="raster", action="store_false",
                    help="let positions come in any order (the official sampler's behaviour)")
-    g.add_argument("--cfg-scale", type=float, default=None, metavar="S",
-                   help="classifier-free guidance: logits = cond + S*(cond - uncond); off when not given")
+    g.add_argument("--cfg-scale", type=_guidance, default=AUTO, metavar="S",
+                   help="classifier-free guidance: logits = cond + S*(cond - uncond); 0 = off; default: "
+                   f"{DEFAULT_GUIDANCE:g} for a model trained with condition dropout (train.p_uncond > 0), else off")
     g.add_argument("--batch-size", type=int, default=32, help="images per sampling batch")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
+
+
+def _guidance(text: str) -> float | str | None:
+    if text == AUTO:
+        return AUTO
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not s >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the guidance scale must be >= 0")
+    return s or None   # 0: off (guidance 0 draws what conditional sampling draws, at twice the cost)
 
 
 def settings_from_args(ns: argparse.Namespace) -> SamplingSettings:
@@ -104,9 +125,19 @@ class ImageGenerator:
     def cond_kind(self) -> str:
         return self.run_cfg.model.cond
 
+    def settle(self, settings: SamplingSettings) -> SamplingSettings:
+        """``settings`` with "auto" guidance resolved for this model, checked."""
+        if settings.guidance == AUTO:
+            on = self.cond_kind != "none" and self.run_cfg.train.p_uncond > 0
+            settings = dataclasses.replace(settings, guidance=DEFAULT_GUIDANCE if on else None)
+        self.check_guidance(settings)
+        return settings
+
     def check_guidance(self, settings: SamplingSettings) -> None:
         if settings.guidance is None:
             return
+        if settings.guidance == AUTO:
+            raise ValueError("resolve auto guidance first (ImageGenerator.settle)")
         if self.cond_kind == "none":
             raise InputError("--cfg-scale needs a class- or text-conditional model; this one is unconditional")
         if self.run_cfg.train.p_uncond <= 0:
@@ -121,7 +152,7 @@ class ImageGenerator:
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(codes, positions) batches for ``n`` images; ``cond`` holds one condition per image
         (None for an unconditional model). One generator seeded once: same seed, same samples."""
-        self.check_guidance(settings)
+        settings = self.settle(settings)
         if cond is not None and len(cond) != n:
             raise ValueError(f"{len(cond)} conditions for {n} images")
         gen = torch.Generator(self.device).manual_seed(settings.seed)

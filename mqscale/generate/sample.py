@@ -99,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.n < 1:
         raise UserError("-n must be at least 1")
-    settings = settings_from_args(ns)
     gen = ImageGenerator(ns.model, ns.tokenizer, ns.device or None)
+    settings = gen.settle(settings_from_args(ns))
     cond, labels = conditions(gen, ns)
     total = ns.n * (len(labels) if labels else 1)
     images, rate = timed_images(gen, cond, total, settings)
     write_outputs(images, labels, ns)
-    guided = f", guidance {settings.guidance}" if settings.guidance is not None else ""
+    guided = f", guidance {settings.guidance:g}" if settings.guidance is not None else ""
     print(f"{total} images ({gen.run_cfg.model.seq_len} tokens each{guided}) in {total / rate:.2f}s: "
           f"{rate:.1f} images/s on {gen.device.type} -> {ns.out}")
     return 0

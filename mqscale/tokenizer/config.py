@@ -44,6 +44,8 @@ class TokenizerOptimConfig:
     scale_lr: bool = setting(True, doc="multiply base_lr by the total batch size")
     betas: tuple[float, float] = setting((0.5, 0.9))
     warmup_steps: int = setting(0, ge=0, doc="linear warmup")
+    cosine_floor: float = setting(1.0, gt=0.0, le=1.0, doc="after warmup, cosine decay to this fraction of the lr "
+                                  "at train.max_steps; 1 = constant (VQGAN)")
     grad_clip: float = setting(0.0, ge=0.0, doc="0 disables")
 
 

@@ -91,7 +91,12 @@ def perceptual(cfg: TokenizerRunConfig) -> LPIPS | None:
 def learning_rate(cfg: TokenizerRunConfig, world: int, step: int) -> float:
     o = cfg.optim
     lr = o.base_lr * (cfg.data.batch_size * world if o.scale_lr else 1)
-    return lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else lr
+    if o.warmup_steps and step < o.warmup_steps:
+        return lr * (step + 1) / o.warmup_steps
+    if o.cosine_floor == 1.0:
+        return lr
+    progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.train.max_steps - o.warmup_steps))
+    return lr * (o.cosine_floor + (1.0 - o.cosine_floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 class TokenizerTrainer:

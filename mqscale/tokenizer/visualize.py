@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from mqscale.core import storage
 from mqscale.core.cli import add_storage_options_arg, guarded
 from mqscale.core.errors import InputError
-from mqscale.core.images import heat_map, png_bytes, psnr, to_unit
+from mqscale.core.images import grid_png, heat_map, psnr, to_unit
 from mqscale.data.loader import iter_images
 from mqscale.tokenizer.config import TOKENIZER
 
@@ -38,6 +38,18 @@ def mask_grid(x: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, re
     kept = img * keep + 0.15 * img * (1 - keep)          # dropped cells shown dark
     rows = torch.cat([img, heat_map(scores, size).to(img), kept, rec], dim=3)  # [n, 3, H, 4W]
     return torch.cat(list(rows), dim=1).cpu()
+
+
+def mask_png(x: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, recon: torch.Tensor, grid: int,
+             row_labels: list[str] | None = None) -> bytes:
+    """``mask_grid`` as a PNG a person can read: each panel enlarged to at least 128 px, the four
+    columns named, rows optionally labelled."""
+    panels = mask_grid(x, scores, positions, recon, grid)            # [3, n*H, 4*W] in [0, 1]
+    size = x.shape[-1]
+    cells = panels.view(3, len(x), size, 4, size).permute(1, 3, 0, 2, 4).reshape(-1, 3, size, size)
+    return grid_png(cells * 2 - 1, cols=4, row_labels=row_labels, min_cell=128,
+                    col_labels=["input", "importance", f"kept {positions.shape[1]}/{grid * grid} cells",
+                                "reconstruction"])
 
 
 @dataclass
@@ -62,8 +74,7 @@ def mask_picture(tokenizer: str, shards: str, n: int, out: str, storage_options:
         raise InputError(f"{shards}: no decodable images")
     enc = tok.encode(x)
     recon = tok.decode(enc.codes, enc.positions)
-    storage.write_bytes(out, png_bytes(mask_grid(x, enc.scores, enc.positions, recon, cfg.model.grid)),
-                        storage_options)
+    storage.write_bytes(out, mask_png(x, enc.scores, enc.positions, recon, cfg.model.grid), storage_options)
     return MaskPicture(out, len(x), cfg.model.keep, cfg.model.grid ** 2, psnr(x, recon.clamp(-1, 1)).item())
 
 

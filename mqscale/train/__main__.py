@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from mqscale.core import dist
 from mqscale.core.cli import UserError, add_config_args, config_from_args, guarded
 from mqscale.core.config import absolutize_paths
 from mqscale.core.console import setup_logging
 from mqscale.core.errors import RunFailed
-from mqscale.demo import DemoData, ensure_demo_data
+from mqscale.demo import DemoSettings, finish, prepare
 from mqscale.train.config import Config
 from mqscale.train.launch import report_lines, train_with_launcher, train_with_ray
 
@@ -32,9 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume-from", default="", help="a checkpoint URL to resume from (verified)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("the main job (no --config)")
-    g.add_argument("--demo-images", type=int, default=DemoData.images, help="shapes images to build")
-    g.add_argument("--demo-tokenizer-steps", type=int, default=DemoData.tokenizer_steps,
+    d = DemoSettings()
+    g.add_argument("--demo-images", type=int, default=d.images, help="shapes training images to build")
+    g.add_argument("--demo-heldout", type=int, default=d.heldout, help="held-out shapes images to build")
+    g.add_argument("--demo-judge-epochs", type=int, default=d.judge_epochs, help="epochs of the quality judge")
+    g.add_argument("--demo-tokenizer-steps", type=int, default=d.tokenizer_steps,
                    help="steps of the demo tokenizer")
+    g.add_argument("--demo-samples-per-class", type=int, default=d.samples_per_class,
+                   help="samples per class the final quality is measured on")
     ns = p.parse_args(argv)
     setup_logging()
     main_job = ns.config is None
@@ -43,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg.checkpoint.resume_from = ns.resume_from
     absolutize_paths(cfg)
     if main_job:
-        ensure_demo_data(cfg, DemoData(ns.demo_images, ns.demo_tokenizer_steps))
+        demo = DemoSettings(ns.demo_images, ns.demo_heldout, judge_epochs=ns.demo_judge_epochs,
+                            tokenizer_steps=ns.demo_tokenizer_steps, samples_per_class=ns.demo_samples_per_class)
+        cfg.logging.judge = prepare(cfg, demo)   # the quality curve, from the judge the demo trained
     if ns.launcher == "ray" and ns.local_rank is not None:
         raise UserError("started by a distributed launcher: add --launcher deepspeed")
+    t = time.perf_counter()
     try:
         run = train_with_ray(cfg) if ns.launcher == "ray" else train_with_launcher(cfg)
     except RunFailed as e:
@@ -55,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(report_lines(cfg, run.run_url)), flush=True)
         if run.stopped:
             print(f"training failed: {run.stopped}", file=sys.stderr)
+        elif main_job:
+            demo.timed("stackformer", t)
+            finish(cfg, run.run_url, demo)
     return 1 if run.stopped else 0
 
 

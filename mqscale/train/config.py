@@ -56,6 +56,10 @@ class TrainConfig:
 @dataclass
 class TrainLoggingConfig(LoggingConfig):
     tokenizer: str = setting("", doc="exported tokenizer that decodes the sample grids; empty = no grids")
+    judge: str = setting("", doc="exported quality judge (python -m mqscale.judge): each sample grid also logs "
+                         "quality/cond_acc and quality/fd_judge; empty = none")
+    judge_samples: int = setting(100, ge=2, doc="with a judge: images each sample grid draws (classes in turn)")
+    judge_min_accuracy: float = setting(0.97, gt=0.0, le=1.0, doc="a judge below this held-out accuracy is refused")
     peak_tflops: float = setting(0.0, ge=0.0, doc="device peak for MFU; 0 = look the device up")
 
 
@@ -94,7 +98,8 @@ class Config:
     RENAMED: ClassVar[dict[str, str]] = {"logging.sample_every": "logging.image_every"}
     # local paths made absolute before Ray workers (in other directories) read them
     PATHS: ClassVar[tuple[str, ...]] = ("data.train_url", "data.val_url", "checkpoint.dir", "checkpoint.resume_from",
-                                        "logging.tokenizer", "logging.tensorboard_dir", "deepspeed.config_json")
+                                        "logging.tokenizer", "logging.judge", "logging.tensorboard_dir",
+                                        "deepspeed.config_json")
 
     def check(self, err) -> None:
         if self.train.p_uncond > 0 and self.model.cond == "none":

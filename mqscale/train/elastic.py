@@ -40,6 +40,7 @@ from mqscale.core.checkpoint import MARKER, Checkpoint, CheckpointStore, local_f
 from mqscale.core.errors import CheckpointError, ConfigError
 from mqscale.core.session import scratch_dir
 from mqscale.train.config import Config
+from mqscale.train.engine import import_deepspeed
 
 log = logging.getLogger("mqscale.train")
 RESIZE = "resize.json"        # in every checkpoint: what a run on another world needs, as JSON
@@ -243,6 +244,7 @@ def universal(store: CheckpointStore, ckpt: Checkpoint, tag: str) -> Checkpoint:
 
 def convert(src: Path, out: Path, what: str) -> None:
     """DeepSpeed's ``ds_to_universal`` on one checkpoint tag, in this process, quietly."""
+    import_deepspeed()
     from deepspeed.checkpoint import ds_to_universal  # heavy: training processes only
     args = argparse.Namespace(input_folder=str(src), output_folder=str(out), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
@@ -259,6 +261,7 @@ def check_conversion(src_root: Path, out: Path, tag: str, what: str) -> None:
     """Every fp32 master of the conversion equals DeepSpeed's own consolidation of the source
     partitions (``zero_to_fp32``, another code path), and every Adam moment is there, shaped
     like its parameter and finite."""
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # heavy: see convert
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         ref = get_fp32_state_dict_from_zero_checkpoint(str(src_root), tag=tag)

@@ -12,6 +12,7 @@ and the lr schedule (the loop sets every step's lr) come from ``optim.*``.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import torch
@@ -24,6 +25,14 @@ from mqscale.train.config import Config
 from mqscale.train.optim import param_groups
 
 TAG = "ds"  # DeepSpeed's checkpoint tag inside each checkpoint directory
+
+
+def import_deepspeed():
+    """DeepSpeed, with its accelerator stated rather than probed (on a CPU the probe warns in every
+    process that it found no GPU)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed  # heavy: training processes only
+    return deepspeed
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -113,8 +122,7 @@ def merge_expert(ours: dict, path: str) -> dict:
 def init_weights_zero3(model: Stackformer) -> None:
     """Under ZeRO-3 parameters are partitioned as each submodule is built, before the model's own
     initialisation runs; redo it one module at a time with that module's parameters gathered."""
-    import deepspeed  # heavy, and logs an accelerator probe on import: training processes only
-
+    deepspeed = import_deepspeed()
     for m in model.modules():
         params = list(m.parameters(recurse=False))
         if not params:
@@ -127,8 +135,7 @@ def init_weights_zero3(model: Stackformer) -> None:
 def build_model(cfg: Config, ds: dict) -> Stackformer:
     torch.manual_seed(cfg.train.seed)
     if cfg.deepspeed.zero_stage == 3:
-        import deepspeed  # heavy, and logs an accelerator probe on import: training processes only
-        with deepspeed.zero.Init(config_dict_or_path=ds):
+        with import_deepspeed().zero.Init(config_dict_or_path=ds):
             model = Stackformer(cfg.model)
         init_weights_zero3(model)
         return model
@@ -138,8 +145,7 @@ def build_model(cfg: Config, ds: dict) -> Stackformer:
 def build_engine(cfg: Config, world: int, plan=None, universal: bool = False):
     """(engine, ds_config): the Stackformer wrapped by DeepSpeed with our optimizer recipe
     (``plan``, ``universal``: see ``ds_config``)."""
-    import deepspeed  # heavy, and logs an accelerator probe on import: training processes only
-
+    deepspeed = import_deepspeed()
     # adopts the process group Ray Train (or the launcher) already made; ZeRO-3's Init needs it
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     ds = ds_config(cfg, world, plan, universal)

@@ -21,6 +21,7 @@ from mqscale.core.ray import RaySession, ray_running, stop_ray, train_on_ray
 from mqscale.core.session import StorageSession
 from mqscale.core.tensorboard import tensorboard_location
 from mqscale.train.config import Config
+from mqscale.train.engine import import_deepspeed
 from mqscale.train.faults import during_save
 from mqscale.train.trainer import TrainingStopped, train
 from mqscale.train.validate import validate_run
@@ -65,8 +66,7 @@ def train_with_ray(cfg: Config) -> TrainRun:
 
 def train_with_launcher(cfg: Config) -> TrainRun:
     """In a process the deepspeed launcher (or torchrun) started: every rank calls it."""
-    import deepspeed  # heavy, and logs an accelerator probe on import: training processes only
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    import_deepspeed().init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     url = cfg.checkpoint.run_url(cfg.name)
     validate_run(cfg, dist.world(), url)
     session = StorageSession(url, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last, between_files=during_save)

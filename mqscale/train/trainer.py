@@ -31,11 +31,12 @@ from mqscale.core.session import Session, commit_checkpoint, scratch_dir
 from mqscale.core.tensorboard import RunWriter
 from mqscale.data.loader import StreamingLoader
 from mqscale.models.stackformer.counting import train_flops_per_token
-from mqscale.models.stackformer.sampling import SamplingParams, sample
+from mqscale.judge.metrics import accuracy, load_judge
+from mqscale.models.stackformer.sampling import DEFAULT_GUIDANCE, default_params, sample
 from mqscale.tokenizer.config import TOKENIZER
 from mqscale.train.config import Config
 from mqscale.train import elastic
-from mqscale.train.engine import TAG, build_engine
+from mqscale.train.engine import TAG, build_engine, import_deepspeed
 from mqscale.train.faults import SampleTrace, dump_optimizer, fault_point, inject_nan
 from mqscale.train.metrics import Metrics, device_peak_tflops, memory_gb
 from mqscale.train.optim import lr_at, n_params
@@ -77,9 +78,12 @@ class Trainer:
         self.tb = RunWriter(session.run_url, cfg.logging.tensorboard_dir, cfg.checkpoint.storage_options, self.rank)
         self.metrics = Metrics(self.rank, train_flops_per_token(cfg.model),
                                device_peak_tflops(cfg.logging.peak_tflops), self.world)
-        self.tokenizer = None
+        self.tokenizer = self.judge = None
+        self.quality: dict[str, float] = {}   # the last sample grid's, when a judge is configured
         if cfg.logging.tokenizer and self.rank == 0:
             self.tokenizer, _ = TOKENIZER.load(cfg.logging.tokenizer, self.device)
+        if cfg.logging.judge and self.rank == 0:   # checked before the workers started (validate.check_judge)
+            self.judge = load_judge(cfg.logging.judge, self.device, min_accuracy=cfg.logging.judge_min_accuracy)
         self.restored_from = self._restore()
         self.trace = SampleTrace(self.rank, self.world, self.step)
         if self.rank == 0:   # every start of a worker group: a resize shows as a change
@@ -269,7 +273,8 @@ class Trainer:
                          "world": self.world, "lr": cfg.optim.lr, "batch": cfg.data.batch_size},
                         {k: v for k, v in last.items() if k.startswith("loss/")})
         self.tb.close()
-        return {"step": self.step, "tokens": self.tokens, "nonfinite_skipped": self.nonfinite_total, **last}
+        return {"step": self.step, "tokens": self.tokens, "nonfinite_skipped": self.nonfinite_total, **last,
+                **self.quality}
 
     def _log(self, window: list[dict], lr: float, wait: float, busy: float, steps: int) -> dict:
         n = max(1, len(window))
@@ -297,35 +302,46 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self) -> None:
-        """Samples of fixed classes with fixed seeds, decoded by rank 0 and logged. Under ZeRO-3
-        every rank takes part: the weights are gathered whole for the while (a full bf16 copy of
-        the model per rank) and all ranks run the same draws, so any collective the partitioned
-        modules make happens on all of them."""
+        """Samples of fixed classes with fixed seeds, drawn as ``mqscale.sample`` draws by default,
+        decoded by rank 0 and logged as a grid with a row per class; with a judge, also their
+        quality (``quality/cond_acc``, ``quality/fd_judge``). Under ZeRO-3 every rank takes part: the
+        weights are gathered whole for the while (a full bf16 copy of the model per rank) and all
+        ranks run the same draws, so any collective the partitioned modules make happens on all."""
         if not self.cfg.logging.tokenizer:
             return
         zero3 = self.cfg.deepspeed.zero_stage == 3
         if self.rank != 0 and not zero3:
             return
-        m = self.cfg.model
-        n_cls = min(m.n_classes, 8) if m.cond == "class" else 1
-        cond = torch.arange(n_cls, device=self.device).repeat_interleave(4) if m.cond == "class" else None
-        p = SamplingParams(temperature=1.0, top_k=min(100, m.codebook_size))
+        m, lg = self.cfg.model, self.cfg.logging
+        n_cls = min(m.n_classes, 10) if m.cond == "class" else 1
+        per_class = -(-lg.judge_samples // n_cls) if lg.judge else 4   # judge_samples, classes in turn
+        cond = torch.arange(n_cls, device=self.device).repeat_interleave(per_class) if m.cond == "class" else None
+        p = default_params(m.codebook_size)
+        guidance = DEFAULT_GUIDANCE if m.cond != "none" and self.cfg.train.p_uncond > 0 else None
         gathered = contextlib.nullcontext()
         if zero3:
-            import deepspeed  # heavy, and logs an accelerator probe on import: training processes only
-            gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+            gathered = import_deepspeed().zero.GatheredParameters(list(self.model.parameters()))
         with gathered, torch.autocast(self.device.type, dtype=torch.bfloat16,
                                       enabled=self.cfg.train.precision == "bf16"):
-            codes, pos = sample(self.model, cond, batch=4 * n_cls, code=p, pos=p,
+            codes, pos = sample(self.model, cond, batch=per_class * n_cls, code=p, pos=p, guidance=guidance,
                                 generator=torch.Generator(self.device).manual_seed(0))
         if self.rank == 0:
-            self._log_grid(codes, pos, n_cls)
+            self._log_grid(codes, pos, cond, per_class)
 
-    def _log_grid(self, codes: torch.Tensor, pos: torch.Tensor, n_cls: int) -> None:
-        grid = tile(to_unit(self.tokenizer.decode(codes, pos)), cols=4).cpu()  # one row per class
+    def _log_grid(self, codes: torch.Tensor, pos: torch.Tensor, cond: torch.Tensor | None, per_class: int) -> None:
+        images = self.tokenizer.decode(codes, pos)
+        shown = images.view(-1, per_class, *images.shape[1:])[:, :min(per_class, 10)].flatten(0, 1)
+        grid = tile(to_unit(shown), cols=min(per_class, 10)).cpu()   # one row per class
         self.tb.image(self.step, "samples/class_rows", grid)
         storage.write_bytes(storage.join(self.session.run_url, f"samples/step_{self.step:09d}.png"), png_bytes(grid),
                             self.cfg.checkpoint.storage_options)
+        if self.judge is not None and cond is not None:
+            pred, feats = self.judge.judge(images)
+            q = {"quality/cond_acc": accuracy(pred, cond), "quality/fd_judge": self.judge.fd(feats)}
+            self.tb.scalars(self.step, q)
+            log.info("step %d quality of %d samples: conditional accuracy %.3f, FD_judge %.2f", self.step,
+                     len(pred), q["quality/cond_acc"], q["quality/fd_judge"])
+            self.quality = q
 
 
 def skip_optimizer_step(engine) -> None:

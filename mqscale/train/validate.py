@@ -15,8 +15,10 @@ import torch
 from mqscale.core import storage
 from mqscale.core.checkpoint import CheckpointStore, resume_candidate
 from mqscale.core.config import from_dict
-from mqscale.core.errors import ArtifactError, CheckpointError, ConfigError, ManifestError
+from mqscale.core.errors import ArtifactError, CheckpointError, ConfigError, InputError, ManifestError
 from mqscale.data.loader import Source, resolve_source
+from mqscale.data.manifest import read_manifest
+from mqscale.judge.metrics import load_judge
 from mqscale.tokenizer.config import TOKENIZER
 from mqscale.train.config import Config
 from mqscale.train.elastic import conversion_state, not_movable, plan_batch, read_resize
@@ -70,8 +72,33 @@ def validate_run(cfg: Config, worlds: int | Iterable[int], run_url: str | None =
                               f"token shards (sha256 {str(tok.get('weights_sha256'))[:12]} vs "
                               f"{meta.tokenizer_sha256[:12]})")
         check_tokenizer_fits(cfg, tok)
+    if cfg.logging.judge:
+        check_judge(cfg, resolution=tok["config"]["model"]["resolution"] if cfg.logging.tokenizer else None)
     check_resume(cfg, run_url, worlds)
     return src
+
+
+def check_judge(cfg: Config, resolution: int | None) -> None:
+    """The quality judge must judge what this run samples: decoded images of the tokenizer's
+    resolution, of the dataset the token shards were made from, in the model's classes."""
+    where = f"logging.judge: {cfg.logging.judge}"
+    if resolution is None:
+        raise ConfigError(f"{where}: needs logging.tokenizer (the samples it judges are decoded by it)")
+    if cfg.model.cond != "class":
+        raise ConfigError(f"{where}: conditional accuracy needs a class-conditional model (model.cond is "
+                          f"{cfg.model.cond})")
+    try:
+        source = read_manifest(cfg.data.train_url, cfg.data.storage_options).meta.get("input_manifest_sha256", "")
+    except (ManifestError, OSError, ValueError):
+        source = ""   # a brace pattern: no manifest records where the images came from
+    try:
+        judge = load_judge(cfg.logging.judge, resolution=resolution, dataset_sha256=source or None,
+                           min_accuracy=cfg.logging.judge_min_accuracy)
+    except (ArtifactError, InputError) as e:
+        raise ConfigError(f"logging.judge: {e}") from None
+    if len(judge.record.classes) != cfg.model.n_classes:
+        raise ConfigError(f"{where}: judges {len(judge.record.classes)} classes, the model has "
+                          f"model.n_classes={cfg.model.n_classes}")
 
 
 def check_resume(cfg: Config, run_url: str | None, worlds: list[int]) -> None:

@@ -14,11 +14,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mqscale.core.errors import InputError
 from mqscale.core.images import psnr
 from mqscale.evaluate.__main__ import main as evaluate_main
+from mqscale.core.frechet import FeatureStats, frechet_distance
 from mqscale.evaluate.fid import (
     INCEPTION_FILE,
-    FeatureStats,
     extract,
-    frechet_distance,
     inception_score,
     load_inception,
 )
@@ -100,6 +99,7 @@ def test_fid_code_path_of_a_set_against_itself_and_a_shifted_set(inception_file)
 # ------------------------------------------------------------------ the Inception's weights
 
 
+@pytest.mark.slow
 def test_inception_has_the_published_architecture_and_key_names():
     m = InceptionV3()
     sd = m.state_dict()
@@ -135,6 +135,7 @@ def test_a_pickled_object_in_the_weights_file_is_refused(tmp_path):
 # ------------------------------------------------------------------ reference statistics
 
 
+@pytest.mark.slow
 def test_reference_statistics_are_computed_once_stored_beside_the_shards_and_checked(inception_file, shapes):
     net, sha = load_inception(inception_file, input_size=75)
     logs = []
@@ -242,6 +243,7 @@ def scalars(tb: Path) -> dict[str, list[tuple[int, float]]]:
     return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_tokenizer_metrics_json_mask_map_and_tensorboard(pair, shapes, tmp_path, inception_file, capsys):
     _, tok = pair
     assert evaluate(tmp_path, "--tokenizer", tok, "--data", shapes, "eval.num_images=20",
@@ -311,6 +313,7 @@ def test_sweep_with_a_tokenizer_per_ratio_checks_the_ratios(pair, shapes, tmp_pa
     assert "names ratios [0.25]" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_every_run_gets_its_own_results_and_tensorboard_directory(pair, shapes, tmp_path, monkeypatch, capsys):
     """Two runs with the same config compare side by side: nothing is shared or overwritten."""
     _, tok = pair
@@ -355,6 +358,7 @@ def random_lpips_files(d: Path, seed: int = 1) -> tuple[str, str]:
     return str(d / "vgg16.pth"), str(d / "vgg.safetensors")
 
 
+@pytest.mark.slow
 def test_lpips_through_evaluate_with_weights_files(pair, shapes, tmp_path, capsys):
     from mqscale.data.loader import iter_images
     from mqscale.models.lpips import load_lpips
@@ -381,6 +385,7 @@ def test_lpips_through_evaluate_with_weights_files(pair, shapes, tmp_path, capsy
     assert len(err.splitlines()) == 1 and "not a VGG16 features state dict" in err and lin in err
 
 
+@pytest.mark.slow
 def test_generator_refuses_a_text_tokenizer_other_than_the_training_shards(shapes, tmp_path, inception_file, capsys):
     from mqscale.tokenize.text import load_text_tokenizer
     model, tok = text_pair(tmp_path / "pair", shapes)          # shards made with the byte tokenizer

@@ -72,6 +72,7 @@ def guided_reference(m, cond: torch.Tensor, s: float, L: int) -> tuple[torch.Ten
     return codes, positions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order,cond", [("code_first", "class"), ("pos_first", "class"), ("code_first", "text")])
 def test_guided_sequences_equal_a_reference_mixing_both_heads_every_step(order, cond):
     m = tiny(order, cond)

@@ -20,9 +20,10 @@ MAY_IMPORT = {
     "models": {"core", "models"},
     "tokenizer": {"core", "data", "models", "tokenizer"},
     "tokenize": {"core", "data", "models", "tokenizer", "tokenize"},
-    "train": {"core", "data", "models", "tokenizer", "train"},
-    "generate": {"core", "data", "models", "tokenizer", "tokenize", "train", "generate"},
-    "evaluate": {"core", "data", "models", "tokenizer", "tokenize", "train", "generate", "evaluate"},
+    "judge": {"core", "data", "models", "judge"},
+    "train": {"core", "data", "models", "tokenizer", "judge", "train"},
+    "generate": {"core", "data", "models", "tokenizer", "tokenize", "judge", "train", "generate"},
+    "evaluate": {"core", "data", "models", "tokenizer", "tokenize", "judge", "train", "generate", "evaluate"},
     "convert": {"core", "models", "tokenizer", "train", "convert"},
 }
 

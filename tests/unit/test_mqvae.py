@@ -295,6 +295,7 @@ def test_decode_refuses_a_repeated_cell_in_a_row():
         m.decode(codes[:, :0], pos[:, :0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [1, 10, 64, 200, 256])
 def test_decode_takes_any_number_of_distinct_cells(length):
     """L need not be cfg.keep (64 here): evaluation at another kept count and samplers with their
@@ -308,6 +309,7 @@ def test_decode_takes_any_number_of_distinct_cells(length):
     assert torch.allclose(out, m.decode(codes.flip(1), pos.flip(1)), atol=1e-5)   # order-free
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip(tmp_path):
     c = cfg()
     m = MQVAE(c.model)

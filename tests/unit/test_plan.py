@@ -29,6 +29,7 @@ def counted(size: str) -> tuple[int, int, object]:
     return sum(p.numel() for p in model.parameters()), largest, cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
 def test_model_states_agree_with_deepspeed_estimators(size):
     total, largest, cfg = counted(size)

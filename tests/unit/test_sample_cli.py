@@ -9,6 +9,7 @@ from PIL import Image
 
 from mqscale.generate.generator import ImageGenerator
 from mqscale.generate.sample import main as sample_main
+from mqscale.models.stackformer.sampling import DEFAULT_GUIDANCE
 from tests.helpers.exports import export_pair, text_pair, word_tokenizer
 
 SHAPES = (8, 8)
@@ -38,20 +39,23 @@ def test_same_seed_same_images_and_another_seed_differs(pair, tmp_path):
     assert grid.size[0] > 3 * 64 and grid.size[1] >= 2 * 64   # 2 rows of 3, cells enlarged to >= 64 px
 
 
+@pytest.mark.slow
 def test_prints_images_per_second(pair, tmp_path, capsys):
     assert run(pair, tmp_path / "g.png", "--classes", "0", "-n", "2") == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("2 images (16 tokens each)") and "images/s on cpu" in line
+    assert line.startswith(f"2 images (16 tokens each, guidance {DEFAULT_GUIDANCE:g})") and "images/s on cpu" in line
 
 
 @pytest.mark.slow
-def test_guided_grid_and_its_scale_0_equals_conditional(pair, tmp_path):
+def test_default_guidance_is_the_documented_scale_and_0_turns_it_off(pair, tmp_path):
+    """The model was trained with condition dropout, so no flag means guidance DEFAULT_GUIDANCE."""
     assert run(pair, tmp_path / "plain.png", "--classes", "2,4", "-n", "2", "--per-image") == 0
     assert run(pair, tmp_path / "zero.png", "--classes", "2,4", "-n", "2", "--per-image", "--cfg-scale", "0") == 0
-    assert run(pair, tmp_path / "s3.png", "--classes", "2,4", "-n", "2", "--per-image", "--cfg-scale", "3") == 0
+    assert run(pair, tmp_path / "dflt.png", "--classes", "2,4", "-n", "2", "--per-image",
+               "--cfg-scale", f"{DEFAULT_GUIDANCE:g}") == 0
     for p in sorted((tmp_path / "plain").glob("*.png")):
-        assert p.read_bytes() == (tmp_path / "zero" / p.name).read_bytes()
-    assert any(p.read_bytes() != (tmp_path / "s3" / p.name).read_bytes()
+        assert p.read_bytes() == (tmp_path / "dflt" / p.name).read_bytes()
+    assert any(p.read_bytes() != (tmp_path / "zero" / p.name).read_bytes()
                for p in (tmp_path / "plain").glob("*.png"))
 
 
@@ -92,6 +96,7 @@ def test_tokenizer_must_match_the_model(tmp_path, capsys):
     assert "sequence length L 12" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_text_model_from_prompts_and_unconditional_model(tmp_path, capsys):
     model, tok = export_pair(tmp_path / "t", "model.cond=text", "model.text_len=8",
                              f"data.train_url={tmp_path / 'no-such-tokens'}")

@@ -22,6 +22,7 @@ def gen(seed=7):
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order,cond", VARIANTS)
 def test_cached_greedy_equals_full_prefix_recompute(order, cond):
     m = tiny(order, cond)
@@ -32,6 +33,7 @@ def test_cached_greedy_equals_full_prefix_recompute(order, cond):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order,cond", VARIANTS)
 @pytest.mark.parametrize("raster", [True, False])
 def test_same_seed_same_samples_cached_or_not(order, cond, raster):
@@ -61,6 +63,7 @@ def test_cached_logits_match_the_training_forward():
     assert torch.equal(logits.argmax(-1), pos)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["code_first", "pos_first"])
 def test_positions_never_repeat_and_raster_holds(order):
     m = tiny(order, "class", "model.seq_len=40")  # 40 of 64 cells: the room constraint matters
@@ -75,6 +78,7 @@ def test_positions_never_repeat_and_raster_holds(order):
     assert not (pos.diff(dim=1) > 0).all()  # free order really is free
 
 
+@pytest.mark.slow
 def test_full_grid_with_raster_is_exactly_every_position():
     m = tiny("code_first", "class", "model.seq_len=64")
     _, pos = sample(m, conds(m, 2), generator=gen())
@@ -123,6 +127,7 @@ def test_sampling_params_refuse_values_that_would_draw_wrong_ids(bad):
         SamplingParams(**bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["code_first", "pos_first"])
 def test_codes_and_positions_take_their_own_settings(order):
     """Greedy codes with hot positions: every code is the argmax given the sampled prefix, while
@@ -152,6 +157,7 @@ def _raster_allowed(pos: torch.Tensor, G: int) -> torch.Tensor:
     return (idx[None, None] > prev[..., None]) & (idx[None, None] <= (G - L + t)[None, :, None])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order,cond", VARIANTS)
 def test_each_cached_step_feeds_only_the_new_token(order, cond):
     m = tiny(order, cond)
@@ -202,6 +208,7 @@ def test_sampler_rejects_impossible_lengths():
 GUIDED = [("code_first", "class"), ("pos_first", "class"), ("code_first", "text")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order,cond", GUIDED)
 def test_guidance_scale_0_draws_what_conditional_sampling_draws(order, cond):
     m = tiny(order, cond)

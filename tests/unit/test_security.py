@@ -136,6 +136,7 @@ def kw(node: ast.Call, name: str):
 TRUSTED_TORCH_LOADS = {"mqscale/convert/__main__.py": "--trust-pickle, given by the user for a file they trust"}
 
 
+@pytest.mark.slow
 def test_no_source_unpickles_untrusted_bytes_or_runs_a_shell():
     found = []
     for path in SOURCES:

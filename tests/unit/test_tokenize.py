@@ -118,6 +118,7 @@ def write_images(base: str, shards: list[list[tuple]], classes=("x", "y")) -> No
     write_shard_set(base, jobs, produce, fmt=IMAGES_FORMAT, classes=list(classes), progress=False)
 
 
+@pytest.mark.slow
 def test_shards_hold_exactly_what_encode_gives(tok, shapes, tmp_path):
     assert run(tok, shapes, tmp_path / "out") == 0
     m = read_manifest(str(tmp_path / "out"))
@@ -136,6 +137,7 @@ def test_shards_hold_exactly_what_encode_gives(tok, shapes, tmp_path):
         assert got[k][1].tolist() == enc.positions[i].tolist()
 
 
+@pytest.mark.slow
 def test_rerun_keeps_every_shard(tok, shapes, tmp_path, capsys):
     run(tok, shapes, tmp_path / "out")
     before = {p.name: (p.stat().st_mtime_ns, h) for p, h in
@@ -182,6 +184,7 @@ def test_killed_run_restarts_to_byte_identical_output(tok, tmp_path, capsys):
     assert r.returncode == 0 and "written 0, kept 20" in r.stdout and summary_of(r.stdout, out) == clean_summary
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_counted_and_sizes_follow_the_flag(tok, tmp_path, capsys):
     ok = png_bytes((32, 32))
     write_images(str(tmp_path / "in"), [[
@@ -207,6 +210,7 @@ def test_bad_inputs_are_counted_and_sizes_follow_the_flag(tok, tmp_path, capsys)
     assert sorted(rows(str(tmp_path / "o3"))) == ["a", "c", "d", "e", "f", "h"]
 
 
+@pytest.mark.slow
 def test_summary_counts_every_shard_of_the_output(tok, tmp_path, capsys):
     """Skips, codebook usage and the kept-position map come from every shard's header, so a rerun
     that rewrites one lost shard (or none) prints what the run that wrote them all printed."""
@@ -252,6 +256,7 @@ def test_another_batch_size_rewrites_instead_of_mixing(tok, shapes, tmp_path, ca
     assert "written 0, kept 4" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_output_of_another_tokenizer_is_refused(tok, shapes, tmp_path, capsys):
     run(tok, shapes, tmp_path / "out")
     cfg = load_tokenizer_config("configs/mqvae/demo.yaml")
@@ -267,6 +272,7 @@ def test_output_of_another_tokenizer_is_refused(tok, shapes, tmp_path, capsys):
     assert "refusing to mix" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_flip_twins_are_the_mirrors_codes_and_the_loader_picks_one(tok, shapes, tmp_path, capsys):
     assert run(tok, shapes, tmp_path / "out", "--flip") == 0
     assert "images in: 70, sequences out: 140" in capsys.readouterr().out
@@ -376,6 +382,7 @@ def test_text_condition_with_byte_ids(tok, shapes, tmp_path):
     assert batch["cond"].shape == (4, 32)
 
 
+@pytest.mark.slow
 def test_captions_carry_over_and_hf_tokenizer_json(tok, shapes, tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
     words = ["[PAD]", "a", "large", "small", "on", "and", "background", "plain", "textured"]
@@ -409,6 +416,7 @@ def test_captions_carry_over_and_hf_tokenizer_json(tok, shapes, tmp_path, capsys
     assert "refusing to mix" in err and "text_tokenizer" in err
 
 
+@pytest.mark.slow
 def test_s3_in_and_out(tok, tmp_path, s3):
     write_shapes("s3://mqscale-test/tok-in", 30, resolution=32, shard_size=10, storage_options=s3, progress=False)
     so = json.dumps(s3)

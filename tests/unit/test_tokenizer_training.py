@@ -26,6 +26,7 @@ from mqscale.train.verify import main as verify_main
 from mqscale.train.verify import verify_url
 
 
+@pytest.mark.slow
 def test_lpips_is_a_distance_with_gradients():
     torch.manual_seed(0)
     lp = LPIPS()
@@ -39,6 +40,7 @@ def test_lpips_is_a_distance_with_gradients():
     assert not any(p.requires_grad for p in lp.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 def test_lpips_weights_load_from_files(tmp_path, fmt):
     torch.manual_seed(1)
@@ -81,6 +83,7 @@ def _by_hand(loss, x, recon, last):
     return nll, g, (gn / (gg + 1e-4)).clamp(0.0, 1e4)
 
 
+@pytest.mark.slow
 def test_generator_loss_terms_and_adaptive_weight():
     loss, x, last, recon = _gan_case()
     commit = torch.tensor(0.1)
@@ -106,6 +109,7 @@ def test_generator_loss_terms_and_adaptive_weight():
     assert torch.allclose(masked, single, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cap", [1.0, 0.3])
 def test_gan_weight_is_capped_at_disc_weight_max(cap):
     """A nearly flat discriminator (the GAN phase's first steps): its gradient at the last layer is
@@ -164,6 +168,7 @@ def cfg(shapes, tmp, *extra):
         *extra])
 
 
+@pytest.mark.slow
 def test_loop_logs_checkpoints_and_resumes_exactly(shapes, tmp_path):
     c = cfg(shapes, tmp_path, "train.max_steps=6", "checkpoint.every_steps=3")
     res = train_tokenizer(c, StorageSession(str(tmp_path / "ckpt")))
@@ -198,6 +203,7 @@ def test_missing_perceptual_weights_warn_once(shapes, tmp_path, caplog):
     assert sum("perceptual loss is off" in r.message for r in caplog.records) == 1
 
 
+@pytest.mark.slow
 def test_default_tensorboard_dir_is_the_runs_tb_folder_and_resume_never(shapes, tmp_path):
     """No logging.tensorboard_dir: events go beside the checkpoints, <checkpoint.dir>/<name>/tb,
     not to ./runs/<date> in the worker's working directory."""
@@ -215,6 +221,7 @@ def test_default_tensorboard_dir_is_the_runs_tb_folder_and_resume_never(shapes, 
         assert TokenizerTrainer(c2, StorageSession(run, launch_id=launch)).step == step, (resume, launch)
 
 
+@pytest.mark.slow
 def test_default_tensorboard_events_are_synced_to_remote_run_storage(shapes, tmp_path, s3):
     import json
 
@@ -280,6 +287,7 @@ def test_learning_rate_scales_base_lr_by_the_total_batch_with_linear_warmup(shap
         assert all(g["lr"] == pytest.approx(want) for o in (t.opt_g, t.opt_d) for g in o.param_groups)
 
 
+@pytest.mark.slow
 def test_a_padding_only_batch_moves_nothing(shapes, tmp_path):
     """All rows are holes (a rank past its share, or nothing decoded): no weight, codebook,
     BatchNorm statistic or optimizer state moves, and the step still runs through."""
@@ -299,6 +307,7 @@ def test_a_padding_only_batch_moves_nothing(shapes, tmp_path):
     assert [s["step"] for s in t.opt_g.state.values()] == opt_steps
 
 
+@pytest.mark.slow
 def test_trainer_uses_the_l1_reconstruction_loss_when_configured(shapes, tmp_path):
     t = TokenizerTrainer(cfg(shapes, tmp_path, "loss.recon=l1", "train.max_steps=1"), StorageSession(str(tmp_path / "l1")))
     logs = t.train_step(next(iter(t.loader)))
@@ -308,6 +317,7 @@ def test_trainer_uses_the_l1_reconstruction_loss_when_configured(shapes, tmp_pat
     assert not torch.allclose(logs["loss/pixel"], diff.pow(2).mean(), rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_one_bf16_autocast_step_on_cpu_is_finite_and_moves_the_weights(shapes, tmp_path):
     """f8_r25 trains under bf16 autocast: one step of it (GAN and adaptive weight on) on the CPU."""
     t = TokenizerTrainer(cfg(shapes, tmp_path, "train.precision=bf16", "train.max_steps=1"),
@@ -328,6 +338,7 @@ def test_one_bf16_autocast_step_on_cpu_is_finite_and_moves_the_weights(shapes, t
 _HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "__format__")
 
 
+@pytest.mark.slow
 def test_a_training_step_reads_no_device_value_back_but_the_host_mask(shapes, tmp_path, monkeypatch):
     """On a GPU every read of a device value (``.item()``, ``int(t)``, ``if t:``) waits for the
     device. The step's mqscale code may read only the batch's host-side mask; logs stay tensors
@@ -363,12 +374,13 @@ def test_a_training_step_reads_no_device_value_back_but_the_host_mask(shapes, tm
 def test_the_main_job_trains_the_demo_tokenizer_for_the_steps_its_config_names():
     """configs/mqvae/demo.yaml is what the README's demo-tokenizer numbers were measured with; the
     main job (which passes train.max_steps itself) must train it for the same number of steps."""
-    from mqscale.demo import DemoData
+    from mqscale.demo import DemoSettings
     demo = load_tokenizer_config("configs/mqvae/demo.yaml")
-    assert demo.train.max_steps == DemoData.tokenizer_steps == 600
+    assert demo.train.max_steps == DemoSettings.tokenizer_steps
     assert demo.model.commitment_beta == 0.0 and demo.loss.perceptual_weight == 0.0
 
 
+@pytest.mark.slow
 def test_tokenizer_checkpoints_verify_and_a_damaged_newest_falls_back(shapes, tmp_path):
     """Tokenizer runs keep the Stackformer's checkpoints: each has the marker, ``mqscale.checkpoint
     verify`` checks them, and resume skips a damaged newest one for the previous one."""

@@ -18,6 +18,8 @@ class MQVAEConfig:
     ch: int = setting(64, ge=32, doc="base channels (GroupNorm needs multiples of 32)")
     ch_mult: list[int] = setting([1, 2, 2], doc="channel multipliers per level; f = 2^(levels-1)")
     num_res_blocks: int = setting(1, ge=1)
+    full_res_blocks: bool = setting(True, doc="ResNet blocks at the image's own resolution (the first level); "
+                                    "false keeps only its convs, putting the capacity at the grid (light tokenizers)")
     attn_resolutions: list[int] = setting([], doc="feature-map sides that get self-attention")
     z_channels: int = setting(0, ge=0, doc="encoder output channels; 0 = ch * ch_mult[-1]")
     dropout: float = setting(0.0, ge=0.0, lt=1.0)
@@ -61,5 +63,8 @@ class MQVAEConfig:
             err("model.z_channels", f"{self.latent_channels} is not a multiple of 32")
         if self.resolution % self.factor:
             err("model.resolution", f"{self.resolution} is not divisible by f = {self.factor}")
+        if not self.full_res_blocks and self.ch_mult[:2] != [1, 1]:
+            err("model.full_res_blocks", f"false needs ch_mult to start [1, 1] (no block is left to change the "
+                f"channel count at the first level), got {self.ch_mult}")
         if self.keep < 1:
             err("model.mask_ratio", f"{self.mask_ratio} keeps no cell of the {self.grid}x{self.grid} grid")

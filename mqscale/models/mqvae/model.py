@@ -40,6 +40,7 @@ class MQVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         common = dict(ch=cfg.ch, ch_mult=list(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+                      full_res_blocks=cfg.full_res_blocks,
                       attn_resolutions=list(cfg.attn_resolutions), resolution=cfg.resolution,
                       dropout=cfg.dropout)
         self.encoder = Encoder(in_channels=cfg.in_channels, z_channels=cfg.latent_channels, **common)

@@ -106,14 +106,16 @@ class _Level(nn.Module):
 
 class Encoder(nn.Module):
     def __init__(self, *, ch: int, ch_mult: list[int], num_res_blocks: int, attn_resolutions: list[int],
-                 in_channels: int, resolution: int, z_channels: int, dropout: float = 0.0):
+                 in_channels: int, resolution: int, z_channels: int, dropout: float = 0.0,
+                 full_res_blocks: bool = True):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         res, block_in = resolution, ch
         for i, mult in enumerate(ch_mult):
             out = ch * mult
-            level = _Level([(block_in if j == 0 else out, out) for j in range(num_res_blocks)],
+            blocks = num_res_blocks if i or full_res_blocks else 0
+            level = _Level([(block_in if j == 0 else out, out) for j in range(blocks)],
                            res in attn_resolutions, dropout)
             block_in = out
             if i != len(ch_mult) - 1:
@@ -141,14 +143,15 @@ class Decoder(nn.Module):
     """From the de-masked feature grid (``ch * ch_mult[-1]`` channels) to an image."""
 
     def __init__(self, *, ch: int, ch_mult: list[int], num_res_blocks: int, attn_resolutions: list[int],
-                 out_channels: int, resolution: int, dropout: float = 0.0):
+                 out_channels: int, resolution: int, dropout: float = 0.0, full_res_blocks: bool = True):
         super().__init__()
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         levels = []
         for i in reversed(range(len(ch_mult))):
             out = ch * ch_mult[i]
-            level = _Level([(block_in if j == 0 else out, out) for j in range(num_res_blocks + 1)],
+            blocks = num_res_blocks + 1 if i or full_res_blocks else 0
+            level = _Level([(block_in if j == 0 else out, out) for j in range(blocks)],
                            res in attn_resolutions, dropout)
             block_in = out
             if i != 0:

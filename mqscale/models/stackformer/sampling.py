@@ -41,6 +41,20 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
 
 
+# What ``python -m mqscale.sample`` draws with no sampling flags, and what training's sample grids
+# and quality curve draw, so the numbers logged during training are those of the images users get.
+# (Measured on the demo: see docs/quality.md. Guidance applies only to a conditional model trained
+# with condition dropout, ``train.p_uncond`` > 0.)
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_K = 0
+DEFAULT_GUIDANCE = 3.0
+
+
+def default_params(vocab: int | None = None) -> SamplingParams:
+    k = DEFAULT_TOP_K if vocab is None else min(DEFAULT_TOP_K, vocab)
+    return SamplingParams(temperature=DEFAULT_TEMPERATURE, top_k=k)
+
+
 def draw(logits: torch.Tensor, params: SamplingParams, allowed: torch.Tensor | None = None,
          generator: torch.Generator | None = None) -> torch.Tensor:
     """One id per row of [B, V] logits, restricted to ``allowed`` [B, V] where given.
