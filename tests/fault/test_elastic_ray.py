@@ -42,8 +42,9 @@ def test_elastic_run_loses_a_node_continues_on_one_and_grows_back(fault_data, tm
     monkeypatch.setenv("MQSCALE_TRACE_SAMPLES", str(trace))
     monkeypatch.setenv("MQSCALE_FAULT_SLOW", "0.7")      # slow enough to act on mid-run
     monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
-    # a lost node is declared dead after ~3 s, not Ray's default ~30 s
-    fast = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+    # a lost node is declared dead after ~10 s, not Ray's default ~30 s (not faster: a loaded machine
+    # would miss health checks of nodes that are alive)
+    fast = {"health_check_period_ms": 1000, "health_check_timeout_ms": 2000, "health_check_failure_threshold": 5}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": fast})
     second = cluster.add_node(num_cpus=1)
     run = "s3://mqscale-test/elastic/stackformer-demo"
