@@ -56,7 +56,7 @@ def settings(quick: bool) -> tuple[DemoSettings, int]:
     """(demo settings, Stackformer steps)."""
     if quick:
         return DemoSettings(images=200, heldout=50, judge_epochs=1, tokenizer_steps=4, samples_per_class=2), 4
-    return DemoSettings(), 4000
+    return DemoSettings(), 3000
 
 
 def run_variant(name: str, out: Path, data: DemoPaths, demo: DemoSettings, sf_steps: int, min_acc: float) -> dict:

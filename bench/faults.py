@@ -13,7 +13,13 @@ Prints one JSON object with:
   10k against planted, and loader throughput with the checks on.
 - ``checkpoint``: save and load of a ~30M-parameter Stackformer with its AdamW state (one rank),
   split into DeepSpeed's own work, the sha256 pass, the copy to the run's storage and the
-  verification on load: the integrity overhead in percent.
+  verification on load: the integrity overhead in percent; and the universal conversion of that
+  checkpoint (what continuing on another number of workers costs under ZeRO 1-3), seconds per GB.
+- ``elastic``: an elastic run (``ray.num_workers: [1, 2]``, ZeRO-2) on a simulated 2-node Ray
+  cluster that loses one node after its step-3 checkpoint: seconds from the loss until the
+  1-worker group has finished its first step (Ray noticing and restarting the group, the
+  universal conversion, DeepSpeed initialising and loading, one step), the steps re-done, and
+  whether every sample of the epoch was trained on exactly once.
 """
 from __future__ import annotations
 
@@ -196,6 +202,7 @@ def checkpoint(work: Path) -> dict:
     from mqscale.data.tokens import TokenMeta
     from mqscale.models.stackformer.counting import param_count
     from mqscale.train.config import load_train_config
+    from mqscale.train.elastic import universal
     from mqscale.train.engine import TAG
     from mqscale.train.trainer import Trainer
     meta = TokenMeta(grid=8, codebook_size=256, seq_len=16, cond="class", n_classes=10, tokenizer_sha256="")
@@ -234,6 +241,11 @@ def checkpoint(work: Path) -> dict:
                            "download_s": g - f, "deepspeed_load_s": h - g})
         shutil.rmtree(stage, ignore_errors=True)
         size = sum(v["size"] for v in files.values())
+        own = t.store.candidates()[0]           # the run's own checkpoint, as a resize converts it
+        a = time.perf_counter()
+        conv = universal(t.store, own, TAG)
+        convert_s = time.perf_counter() - a
+        own_gb = sum(v["size"] for v in own.marker["files"].values()) / 1e9
     med = {k: sorted(r[k] for r in rounds)[1] for k in rounds[0]}
     save = med["deepspeed_save_s"] + med["sha256_s"] + med["upload_s"]
     load = med["verify_s"] + med["download_s"] + med["deepspeed_load_s"]
@@ -241,14 +253,75 @@ def checkpoint(work: Path) -> dict:
             **{k: round(v, 3) for k, v in med.items()},
             "save_s": round(save, 3), "load_s": round(load, 3),
             "verification_overhead_save_pct": round(100 * med["sha256_s"] / save, 1),
-            "verification_overhead_load_pct": round(100 * med["verify_s"] / load, 1)}
+            "verification_overhead_load_pct": round(100 * med["verify_s"] / load, 1),
+            "universal_conversion": {"source_gb": round(own_gb, 3), "seconds": round(convert_s, 2),
+                                     "converting_and_checking_s": conv.marker["convert_s"],
+                                     "seconds_per_gb": round(convert_s / own_gb, 1)}}
+
+
+def elastic(data: Path, work: Path) -> dict:
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from mqscale.core.checkpoint import CheckpointStore
+    from mqscale.train.__main__ import main as train_main
+    trace = work / "trace"
+    os.environ.update({"MQSCALE_TRACE_SAMPLES": str(trace), "MQSCALE_FAULT_SLOW": "0.5"})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    second = cluster.add_node(num_cpus=1)
+    store = CheckpointStore(str(work / "runs" / "stackformer-demo"))
+    removed: list[float] = []
+
+    def lose_a_node() -> None:
+        end = time.time() + 600
+        def past_a_checkpoint() -> bool:    # every file of it there, and a step trained after it
+            last = store.latest_valid()
+            steps = [json.loads(x)["step"] for f in trace.glob("rank*.jsonl") for x in f.read_text().splitlines()]
+            return last is not None and last.step >= 3 and max(steps, default=0) > last.step
+
+        while time.time() < end and not past_a_checkpoint():
+            time.sleep(0.2)
+        removed.append(time.time())
+        cluster.remove_node(second)
+
+    try:
+        ray.init(address=cluster.address)
+        watcher = threading.Thread(target=lose_a_node, daemon=True)
+        watcher.start()
+        t0 = time.time()
+        rc = train_main(["--config", "configs/demo.yaml", f"data.train_url={data / 'tokens'}", "logging.tokenizer=",
+                         f"checkpoint.dir={work / 'runs'}", "data.batch_size=8", "train.global_batch=16",
+                         "ray.num_workers=[1, 2]", "ray.max_failures=3", *COMMON])
+        wall = time.time() - t0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        for k in ("MQSCALE_TRACE_SAMPLES", "MQSCALE_FAULT_SLOW"):
+            os.environ.pop(k, None)
+    assert rc == 0 and removed
+    recs = sorted((json.loads(x) for f in trace.glob("rank*.jsonl") for x in f.read_text().splitlines()),
+                  key=lambda r: r["time"])
+    lost = removed[0]
+    before = max(r["step"] for r in recs if r["world"] == 2 and r["time"] <= lost)
+    first = next(r for r in recs if r["world"] == 1)
+    last = {}
+    for r in recs:
+        last[r["step"]] = r["gen"]
+    seen = sorted(i for r in recs if last[r["step"]] == r["gen"] for i in r["ids"])
+    return {"workers": "[1, 2]", "zero_stage": 2, "node_lost_after_step": before,
+            "resumed_from_step": first["resumed_at"], "steps_redone": before - first["resumed_at"],
+            "seconds_until_training_again": round(first["time"] - lost, 1), "run_wall_s": round(wall, 1),
+            "each_sample_once": seen == list(range(240))}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=3)
     p.add_argument("--failure-rate", type=float, default=0.1)
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: kills,storage,data,checkpoint")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: "
+                   "kills,storage,data,checkpoint,elastic")
     ns = p.parse_args()
     os.chdir(ROOT)
     skip = set(filter(None, ns.skip.split(",")))
@@ -256,7 +329,7 @@ def main() -> None:
            "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as d, contextlib.redirect_stdout(sys.stderr):
         work = Path(d)
-        if skip - {"data", "checkpoint"} != {"kills", "storage"}:
+        if skip - {"data", "checkpoint"} != {"kills", "storage", "elastic"}:
             data = demo_data(work / "data")
         if "kills" not in skip:
             out["kills"] = kills(data, work / "k", ns.kills)
@@ -267,6 +340,8 @@ def main() -> None:
         if "checkpoint" not in skip:
             (work / "c").mkdir()
             out["checkpoint"] = checkpoint(work / "c")
+        if "elastic" not in skip:
+            out["elastic"] = elastic(data, work / "e")
     out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     sys.stdout.flush()
     print(json.dumps(out, indent=1))

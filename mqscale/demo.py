@@ -61,7 +61,7 @@ class DemoSettings:
     heldout: int = 1000           # held-out images (judge accuracy, reconstruction accuracy, FD_judge)
     resolution: int = 32
     judge_epochs: int = 10
-    tokenizer_steps: int = 2500
+    tokenizer_steps: int = 2000
     samples_per_class: int = 20   # the final measure: 200 images over the 10 classes
     stages: dict[str, float] = field(default_factory=dict)   # seconds per stage, filled as they run
 

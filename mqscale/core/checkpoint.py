@@ -29,8 +29,8 @@ from mqscale.core.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("mqscale.checkpoint")
 MARKER = "mqscale_complete.json"
-RESHARD = ("resharding a checkpoint onto another number of workers is not supported (each rank's "
-           "optimizer partition and data position belong to that world size)")
+RESHARD = ("a tokenizer run resumes only on as many workers as saved it (each rank's data position "
+           "belongs to that world size; Stackformer runs continue on any number)")
 
 
 @dataclass
@@ -238,46 +238,52 @@ class CheckpointStore:
             self.fs.rm(storage.get_fs(c.url, self.storage_options)[1], recursive=True)
 
 
-def check_world(ckpt: Checkpoint, world: int, what: str = "checkpoint") -> None:
-    """A checkpoint resumes only on as many workers as saved it (see ``RESHARD``)."""
-    if ckpt.world != world:
+def check_world(ckpt: Checkpoint, world: int | None, what: str = "checkpoint") -> None:
+    """A tokenizer checkpoint resumes only on as many workers as saved it (see ``RESHARD``);
+    ``world`` None: any (the Stackformer trainer continues on another, ``train/elastic.py``)."""
+    if world is not None and ckpt.world != world:
         raise CheckpointError(f"{what}: {ckpt.url} was saved by {ckpt.world} workers, this run has {world}: "
                               f"{RESHARD}")
 
 
-def check_resumable(cfg: CheckpointConfig, run_url: str | None, world: int) -> None:
-    """Before any worker starts: the checkpoint a launch would resume (the run's newest, else
-    ``resume_from``) must be one, from as many workers; one ConfigError line otherwise. Markers
-    only: the workers verify every file's sha256 before they load it."""
-    own = False
+def resume_candidate(cfg: CheckpointConfig, run_url: str | None) -> tuple[Checkpoint | None, str]:
+    """Before any worker starts, markers only: (the checkpoint a launch would resume, the key
+    that named it): the run's newest, else ``resume_from``; one ConfigError line when that
+    cannot be read. The workers verify every file's sha256 before they load it."""
     if cfg.resume == "auto" and run_url:
         try:
             found = CheckpointStore(run_url, cfg.storage_options).candidates()
         except (OSError, ValueError) as e:
             raise ConfigError(f"checkpoint.dir: cannot list the run's checkpoints at {run_url} ({e})") from None
-        if found:
-            own = True
-            try:
-                check_world(found[0], world)
-            except CheckpointError as e:
-                raise ConfigError(f"{e}; relaunch with {found[0].world} workers, or start a new run "
-                                  "(another name)") from None
-    if cfg.resume_from and not own:  # a run with checkpoints of its own never reads its seed again
-        url = cfg.resume_from
-        try:
-            filesystem, root = storage.get_fs(url, cfg.storage_options)
-            marker = read_marker(filesystem, posixpath.join(root, MARKER))
-            check_world(Checkpoint(url, marker["step"], marker), world, "checkpoint.resume_from")
-        except CheckpointError as e:
-            msg = str(e) if str(e).startswith("checkpoint.resume_from") else \
-                f"checkpoint.resume_from: {url}: {e}; not a complete mqscale checkpoint"
-            raise ConfigError(msg) from None
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"checkpoint.resume_from: {url}: {e}; not a complete mqscale checkpoint") from None
+        if found:  # a run with checkpoints of its own never reads its seed again
+            return found[0], "checkpoint"
+    if not cfg.resume_from:
+        return None, ""
+    url = cfg.resume_from
+    try:
+        filesystem, root = storage.get_fs(url, cfg.storage_options)
+        marker = read_marker(filesystem, posixpath.join(root, MARKER))
+    except (CheckpointError, OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint.resume_from: {url}: {e}; not a complete mqscale checkpoint") from None
+    return Checkpoint(url.rstrip("/"), int(marker["step"]), marker), "checkpoint.resume_from"
 
 
-def choose_resume(store: CheckpointStore, cfg: CheckpointConfig, launch_id: str, world: int) -> Checkpoint | None:
-    """The checkpoint every rank resumes from, or None; chosen by rank 0, the same on all ranks.
+def check_resumable(cfg: CheckpointConfig, run_url: str | None, world: int) -> None:
+    """Before any worker starts (tokenizer runs): the checkpoint a launch would resume must be
+    one, from as many workers; one ConfigError line otherwise."""
+    found, what = resume_candidate(cfg, run_url)
+    if found is None:
+        return
+    try:
+        check_world(found, world, what)
+    except CheckpointError as e:
+        raise ConfigError(f"{e}; relaunch with {found.world} workers, or start a new run (another name)") from None
+
+
+def choose_resume(store: CheckpointStore, cfg: CheckpointConfig, launch_id: str,
+                  world: int | None) -> Checkpoint | None:
+    """The checkpoint every rank resumes from, or None; chosen by rank 0, the same on all ranks
+    (saved by ``world`` workers; None: by any number).
 
     The run's own newest verified checkpoint comes first: a worker restarted after a failure, or
     a relaunch, continues where this run got to (``resume: never``: only this launch's own, so a

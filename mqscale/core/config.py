@@ -65,6 +65,10 @@ def _coerce(value: Any, tp: Any, key: str, err) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1 and isinstance(value, (list, tuple)):  # e.g. int | tuple[int, int]: the sequence
+            seq = [a for a in inner if typing.get_origin(a) in (tuple, list)]
+            if seq:
+                return _coerce(value, seq[0], key, err)
         return _coerce(value, inner[0], key, err)
     if tp is bool:
         if not isinstance(value, bool):

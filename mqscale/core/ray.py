@@ -6,6 +6,10 @@ Training runs a Ray Train ``TorchTrainer`` (Train V2) whose storage is the run's
 directory or an object-store URL, with ``checkpoint.storage_options`` (endpoint, credentials)
 reaching Ray through an fsspec-backed pyarrow filesystem. Ray's worker-group restarts
 (``ray.max_failures``) resume from the run's own checkpoints (see ``checkpoint.py``).
+``ray.num_workers: [min, max]`` makes the run elastic (Ray Train's ``ScalingConfig(num_workers=
+(min, max))``): Ray starts as many workers as the cluster has room for, restarts the group smaller
+when a worker or node is lost, and larger when room returns (checked every
+``ray.resize_interval_s``); each start resumes the newest checkpoint on the new world size.
 """
 from __future__ import annotations
 
@@ -47,11 +51,30 @@ SETUP_HOOK = "mqscale.core.console.quiet_frameworks"   # run by Ray in every wor
 class RayConfig:
     """The Ray cluster and the training workers on it."""
     address: str | None = setting(None, doc="Ray cluster address; None starts a local Ray")
-    num_workers: int = setting(1, ge=1, doc="training workers")
+    num_workers: int | tuple[int, int] = setting(
+        1, ge=1, doc="training workers; [min, max]: elastic, as many as the cluster has room for (Stackformer runs)")
     use_gpu: bool = setting(False)
     cpus_per_worker: float = setting(1.0, gt=0.0)
     resources_per_worker: dict[str, float] = setting({})
     max_failures: int = setting(0, ge=-1, doc="worker-group restarts; -1 = unlimited")
+    resize_interval_s: float = setting(60.0, gt=0.0, doc="elastic runs: seconds between Ray's checks for "
+                                       "room to grow the worker group")
+
+    def check(self, err) -> None:
+        if isinstance(self.num_workers, tuple):
+            lo, hi = self.num_workers
+            if not 1 <= lo <= hi:
+                err("ray.num_workers", f"{list(self.num_workers)} must be [min, max] with 1 <= min <= max")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple) and self.num_workers[0] != self.num_workers[1]
+
+    @property
+    def worlds(self) -> range:
+        """Every number of workers the run may get."""
+        lo, hi = self.num_workers if isinstance(self.num_workers, tuple) else (self.num_workers,) * 2
+        return range(lo, hi + 1)
 
 
 def ray_running() -> bool:
@@ -105,15 +128,18 @@ def ray_storage(path: str, storage_options: dict) -> tuple[str, object | None]:
 
 def launch(worker_fn: Callable[[dict], None], payload: dict[str, Any], ray_cfg: RayConfig,
            ckpt_cfg: CheckpointConfig, name: str) -> object:
-    """Run ``worker_fn(payload)`` on ``ray_cfg.num_workers`` Ray Train workers; returns the Result."""
-    started_here = start_ray(ray_cfg.address, ray_cfg.num_workers * ray_cfg.cpus_per_worker)
+    """Run ``worker_fn(payload)`` on ``ray_cfg.num_workers`` Ray Train workers (a range: elastic);
+    returns the Result."""
+    worlds = ray_cfg.worlds
+    started_here = start_ray(ray_cfg.address, worlds[-1] * ray_cfg.cpus_per_worker)
     path, filesystem = ray_storage(ckpt_cfg.dir, ckpt_cfg.storage_options)
     resources = {"CPU": ray_cfg.cpus_per_worker, **ray_cfg.resources_per_worker}
+    n = (worlds[0], worlds[-1]) if ray_cfg.elastic else worlds[0]
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config=payload,
-        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=n, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=ray_cfg.resize_interval_s),
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
                              logging_config=RayLoggingConfig(log_level="WARNING"),   # Ray Train's own INFO lines
                              failure_config=FailureConfig(max_failures=ray_cfg.max_failures),

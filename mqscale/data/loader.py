@@ -7,6 +7,11 @@ out; that count and the epoch are the whole resume state. A fresh loader given t
 rotates which physical worker plays which slot, so the first batch it yields is exactly the
 one the old loader would have yielded next, and each slot skips straight to its window.
 
+A run continued on another number of ranks (``adopt``): every new rank gets, from all the old
+ranks' states, the rows of the current epoch no old rank handed out, its share of them
+(``partition.left_after``), so across the change each sample of the epoch is delivered exactly
+once; the epoch after it is a plain one of the new world.
+
 Batches are dicts of tensors with a ``mask`` (False for holes: padding and skipped samples) and
 ``sample_id`` (global index in the manifest, -1 for holes). Token batches: ``codes``,
 ``positions`` [B, L] int64 and ``cond`` (labels [B] or text [B, T]) when conditioned. Image
@@ -31,8 +36,22 @@ from mqscale.core.errors import ManifestError
 from mqscale.core.images import from_uint8
 from mqscale.data.config import DataConfig
 from mqscale.data.manifest import FORMATS, base_of, manifest_url, read_manifest
-from mqscale.data.partition import Shard, batches_per_slot, resampled_segments, segments, shard_order, slot_range
-from mqscale.data.reader import ReaderSpec, ShardReader, batches, shuffled_rows
+from mqscale.data.partition import (
+    Piece,
+    Shard,
+    batches_per_slot,
+    cut,
+    epoch_pieces,
+    left_after,
+    pieces_rows,
+    resampled_segments,
+    segments,
+    shard_order,
+    slot_batches_done,
+    slot_range,
+)
+from mqscale.data.reader import Block, ReaderSpec, ShardReader, batches, shuffled_rows, size
+from mqscale.data.reader import rows as take_rows
 from mqscale.data.tar import ReadStats, iter_samples
 from mqscale.data.tokens import HEADER_KEY, TokenMeta
 
@@ -101,39 +120,65 @@ def _scan_pattern(urls: list[str], kind: str, storage_options: dict | None) -> S
     return Source(shards, kind, meta)
 
 
+@dataclass(frozen=True)
+class Carry:
+    """The rest of an epoch begun on another number of ranks: ``pieces`` of the stream rows of
+    the slots that epoch began with (``world`` ranks x ``workers`` slots, shuffle ``window``)."""
+    world: int
+    workers: int
+    window: int
+    pieces: tuple[Piece, ...]
+
+    def as_dict(self) -> dict:
+        return {"world": self.world, "workers": self.workers, "window": self.window,
+                "pieces": [list(p) for p in self.pieces]}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Carry | None":
+        if not d:
+            return None
+        return cls(int(d["world"]), int(d["workers"]), int(d["window"]),
+                   tuple((int(a), int(b), int(c)) for a, b, c in d["pieces"]))
+
+    @property
+    def rows(self) -> int:
+        return pieces_rows(list(self.pieces))
+
+
 class _SlotStream(IterableDataset):
     """What one worker yields: its slot's batches from a given point of the epoch."""
 
-    def __init__(self, src: Source, cfg: DataConfig, rank: int, world: int, epoch: int, consumed: int):
+    def __init__(self, src: Source, cfg: DataConfig, rank: int, world: int, epoch: int, consumed: int,
+                 carry: Carry | None = None):
         self.src, self.cfg, self.rank, self.world = src, cfg, rank, world
-        self.epoch, self.consumed = epoch, consumed
+        self.epoch, self.consumed, self.carry = epoch, consumed, carry
         self.workers = max(1, cfg.num_workers)
 
     def __iter__(self):
         info = get_worker_info()
-        W, B, S = self.workers, self.cfg.batch_size, self.cfg.shuffle_buffer
+        W, B = self.workers, self.cfg.batch_size
         logical = ((info.id if info else 0) + self.consumed) % W     # rotation: see module doc
-        done = self.consumed // W + (1 if logical < self.consumed % W else 0)
-        slot = self.rank * W + logical
+        done = slot_batches_done(self.consumed, W, logical)
         stats = ReadStats()
         reader = ShardReader(ReaderSpec(self.src.kind, self.src.meta, self.cfg.resolution,
                                         self.cfg.storage_options, self.cfg.on_shard_error,
                                         flip_key=(self.cfg.seed, self.epoch)), stats)
-        start_row = done * B
-        window_start = (start_row // S) * S
-        common = dict(window=S, start_row=start_row, seed=self.cfg.seed, slot=slot, shuffle=self.cfg.shuffle)
-        shards = self.src.shards
         if self.cfg.mode == "resampled":
-            segs = resampled_segments(shards, self.cfg.seed, slot, window_start)
-            rows_ = shuffled_rows(reader, segs, count=None, epoch=0, **common)
+            S = self.cfg.shuffle_buffer
+            start_row = done * B
+            slot = self.rank * W + logical
+            segs = resampled_segments(self.src.shards, self.cfg.seed, slot, (start_row // S) * S)
+            rows_ = shuffled_rows(reader, segs, count=None, epoch=0, window=S, start_row=start_row,
+                                  seed=self.cfg.seed, slot=slot, shuffle=self.cfg.shuffle)
             n_batches = None
         else:
-            total = self.src.total
+            # a plain epoch is the rest of itself: one piece per slot, each read whole
+            carry = self.carry or Carry(self.world, W, self.cfg.shuffle_buffer,
+                                        tuple(epoch_pieces(self.src.total, self.world, W)))
+            total = carry.rows
             a, b = slot_range(total, self.world, self.rank, W, logical)
-            order = shard_order(len(shards), self.cfg.seed, self.epoch, self.cfg.shuffle)
-            segs = segments(shards, order, a + window_start, b)
-            rows_ = shuffled_rows(reader, segs, count=b - a, epoch=self.epoch, **common) \
-                if start_row < b - a else iter(())
+            mine = cut(list(carry.pieces), min(b, a + done * B), b)
+            rows_ = (block for piece in mine for block in self._piece(reader, carry, piece))
             n_batches = batches_per_slot(total, self.world, W, B) - done
         pad = reader.holes(B)
         for i, batch in enumerate(batches(rows_, B, n_batches, pad, stats)):
@@ -142,6 +187,24 @@ class _SlotStream(IterableDataset):
             out["__stats__"] = stats.as_dict()
             out["__events__"] = list(stats.events)
             yield out
+
+    def _piece(self, reader: ShardReader, carry: Carry, piece: Piece) -> Iterator[Block]:
+        """Stream rows [lo, hi) of slot ``slot`` of the partition ``carry`` describes."""
+        slot, lo, hi = piece
+        rank, worker = divmod(slot, carry.workers)
+        a, b = slot_range(self.src.total, carry.world, rank, carry.workers, worker)
+        S = carry.window
+        order = shard_order(len(self.src.shards), self.cfg.seed, self.epoch, self.cfg.shuffle)
+        segs = segments(self.src.shards, order, a + (lo // S) * S, b)
+        stream = shuffled_rows(reader, segs, count=b - a, window=S, start_row=lo, seed=self.cfg.seed,
+                               epoch=self.epoch, slot=slot, shuffle=self.cfg.shuffle)
+        left = hi - lo
+        for block in stream:
+            if size(block) >= left:
+                yield take_rows(block, slice(0, left))
+                return
+            left -= size(block)
+            yield block
 
 
 def to_torch(b: dict[str, np.ndarray], src: Source) -> dict:
@@ -175,6 +238,7 @@ class StreamingLoader:
         self.workers = max(1, cfg.num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.epoch, self.batches = 0, 0
+        self.carry: Carry | None = None   # the rest of an epoch begun on another world (see adopt)
         self._base = ReadStats().as_dict()
         self._live: dict[int, dict] = {}
         self.events: list[str] = []
@@ -187,16 +251,17 @@ class StreamingLoader:
     def batches_per_epoch(self) -> int | None:
         if self.cfg.mode == "resampled":
             return None
-        return self.workers * batches_per_slot(self.src.total, self.world, self.workers, self.cfg.batch_size)
+        rows = self.carry.rows if self.carry is not None else self.src.total
+        return self.workers * batches_per_slot(rows, self.world, self.workers, self.cfg.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.batches = epoch, 0
+        self.epoch, self.batches, self.carry = epoch, 0, None
 
     def __iter__(self) -> Iterator[dict]:
         per_epoch = self.batches_per_epoch
         if per_epoch is not None and self.batches >= per_epoch:
             self.set_epoch(self.epoch + 1)
-        stream = _SlotStream(self.src, self.cfg, self.rank, self.world, self.epoch, self.batches)
+        stream = _SlotStream(self.src, self.cfg, self.rank, self.world, self.epoch, self.batches, self.carry)
         n = self.cfg.num_workers
         # its own generator: a DataLoader iterator otherwise draws from the global RNG, which would
         # make a resumed training run's random stream differ from an uninterrupted one
@@ -245,7 +310,8 @@ class StreamingLoader:
                 "seed": self.cfg.seed, "mode": self.cfg.mode, "rank": self.rank, "world": self.world,
                 "workers": self.workers, "batch_size": self.cfg.batch_size,
                 "shuffle_buffer": self.cfg.shuffle_buffer, "shuffle": self.cfg.shuffle,
-                "fingerprint": self.src.fingerprint(), "stats": self.stats()}
+                "fingerprint": self.src.fingerprint(), "stats": self.stats(),
+                "carry": self.carry.as_dict() if self.carry is not None else None}
 
     def load_state_dict(self, sd: dict) -> None:
         mine = self.state_dict()
@@ -255,8 +321,54 @@ class StreamingLoader:
                 raise ValueError(f"loader state has {k}={sd.get(k)!r}, this loader has {mine[k]!r}: "
                                  "an exact resume needs the same data, seed, world, workers and batch")
         self.epoch, self.batches = int(sd["epoch"]), int(sd["batches"])
+        self.carry = Carry.from_dict(sd.get("carry"))
         self._base = {k: int(sd.get("stats", {}).get(k, 0)) for k in self._base}
         self._live = {}
+
+    def adopt(self, states: list[dict]) -> None:
+        """Continue from the states of every rank of a run on another number of ranks (or
+        workers, or batch size): this rank gets its share of the epoch's rows that none of them
+        handed out; ValueError when the states are not one run's, all ranks in step, on this data.
+
+        Counters carry over on rank 0 (they are summed over the ranks when logged). In
+        ``resampled`` mode there is no epoch to keep: each new rank continues its own stream at
+        the row the old ranks had reached."""
+        if not states:
+            raise ValueError("no loader states to continue from")
+        first, mine = states[0], self.state_dict()
+        for k in ("version", "seed", "mode", "shuffle", "fingerprint"):
+            if first.get(k) != mine[k]:
+                raise ValueError(f"loader state has {k}={first.get(k)!r}, this loader has {mine[k]!r}: a run "
+                                 "continues on another world only on the same data, seed, mode and shuffle")
+        same = ("version", "seed", "mode", "shuffle", "fingerprint", "epoch", "batches", "world", "workers",
+                "batch_size", "shuffle_buffer", "carry")
+        for r, sd in enumerate(states):
+            if sd.get("rank") != r or sd.get("world") != len(states):
+                raise ValueError(f"loader state {r} is rank {sd.get('rank')} of {sd.get('world')}, not {r} of "
+                                 f"{len(states)}: every rank's state, in rank order, is needed")
+            off = [k for k in same if sd.get(k) != first.get(k)]
+            if off:
+                raise ValueError(f"loader states of rank 0 and rank {r} differ in {', '.join(off)}: the ranks were "
+                                 "not in step")
+        totals = {k: sum(int(sd.get("stats", {}).get(k, 0)) for sd in states) for k in self._base}
+        self._base = totals if self.rank == 0 else {k: 0 for k in self._base}
+        self._live = {}
+        epoch, done = int(first["epoch"]), int(first["batches"])
+        old_batch, old_workers = int(first["batch_size"]), int(first["workers"])
+        if self.cfg.mode == "resampled":
+            self.epoch, self.carry = epoch, None
+            self.batches = done * old_batch // self.cfg.batch_size
+            return
+        carry = Carry.from_dict(first.get("carry"))
+        if carry is None and done == 0:    # nothing of the epoch given yet: a plain epoch of this world
+            self.epoch, self.batches, self.carry = epoch, 0, None
+            return
+        if carry is None:
+            carry = Carry(len(states), old_workers, int(first["shuffle_buffer"]),
+                          tuple(epoch_pieces(self.src.total, len(states), old_workers)))
+        left = left_after(list(carry.pieces), len(states), old_workers, old_batch, done)
+        self.epoch, self.batches = (epoch, 0) if left else (epoch + 1, 0)
+        self.carry = Carry(carry.world, carry.workers, carry.window, tuple(left)) if left else None
 
 
 def iter_images(url: str, resolution: int, n: int, batch_size: int, storage_options: dict | None = None,

@@ -11,6 +11,14 @@ ranks end together.
 Within a slot, rows are shuffled by windows: window j (rows [jS, (j+1)S)) gets its own seeded
 permutation. Batch k is rows [kB, (k+1)B) of the shuffled stream, so resuming at batch k needs
 only window floor(kB/S) onward: no replay of the epoch.
+
+Resharding an epoch (a run continued on another number of ranks): the rows every rank has not
+yet handed out are exactly known from the ranks' batch counts. They are kept as *pieces*, runs
+``(slot, lo, hi)`` of the stream rows of the slots the epoch began with, and the new ranks split
+the pieces' concatenation the way a fresh epoch splits the epoch's rows: equal contiguous ranges
+per rank, then per worker, equal batch counts, holes at the ends. Once that rest is done, the
+next epoch is a plain one of the new world. A second change of world mid-way cuts the pieces
+again, so the rows still refer to the slots the epoch began with.
 """
 from __future__ import annotations
 
@@ -79,3 +87,66 @@ def resampled_segments(shards: list[Shard], seed: int, slot: int, start: int) ->
 
 def window_permutation(seed: int, epoch: int, slot: int, window: int, size: int, shuffle: bool) -> np.ndarray:
     return rng(seed, epoch, slot, window).permutation(size) if shuffle else np.arange(size)
+
+
+Piece = tuple[int, int, int]   # (slot of the epoch's first partition, first stream row, end stream row)
+
+
+def slot_batches_done(batches: int, workers: int, worker: int) -> int:
+    """Batches slot ``worker`` of a rank has given once the rank has handed out ``batches``
+    (DataLoader takes them from the workers round-robin)."""
+    return batches // workers + (1 if worker < batches % workers else 0)
+
+
+def epoch_pieces(total: int, world: int, workers: int) -> list[Piece]:
+    """A whole epoch of ``total`` rows on ``world`` ranks x ``workers`` slots, as pieces: each
+    slot's stream from its first row to its last, in slot order (the order of their ranges)."""
+    out = []
+    for r in range(world):
+        for w in range(workers):
+            a, b = slot_range(total, world, r, workers, w)
+            if b > a:
+                out.append((r * workers + w, 0, b - a))
+    return out
+
+
+def pieces_rows(pieces: list[Piece]) -> int:
+    return sum(hi - lo for _, lo, hi in pieces)
+
+
+def cut(pieces: list[Piece], start: int, end: int) -> list[Piece]:
+    """Rows [start, end) of the pieces' concatenation, as pieces."""
+    out, pos = [], 0
+    for slot, lo, hi in pieces:
+        n = hi - lo
+        a, b = max(start, pos), min(end, pos + n)
+        if a < b:
+            out.append((slot, lo + a - pos, lo + b - pos))
+        pos += n
+        if pos >= end:
+            break
+    return out
+
+
+def _merged(pieces: list[Piece]) -> list[Piece]:
+    out: list[Piece] = []
+    for p in pieces:
+        if out and out[-1][0] == p[0] and out[-1][2] == p[1]:
+            out[-1] = (p[0], out[-1][1], p[2])
+        else:
+            out.append(p)
+    return out
+
+
+def left_after(pieces: list[Piece], world: int, workers: int, batch: int, batches: int) -> list[Piece]:
+    """What is left of an epoch whose rows are ``pieces`` (split over ``world`` ranks x
+    ``workers`` slots, ``batch`` rows a batch) once every rank has handed out ``batches``
+    batches: the rows no rank has yet given, as pieces, in slot order."""
+    total = pieces_rows(pieces)
+    out: list[Piece] = []
+    for r in range(world):
+        for w in range(workers):
+            a, b = slot_range(total, world, r, workers, w)
+            start = min(b, a + slot_batches_done(batches, workers, w) * batch)
+            out += cut(pieces, start, b)
+    return _merged(out)

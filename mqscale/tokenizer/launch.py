@@ -38,6 +38,9 @@ def train_on_ray(cfg: TokenizerRunConfig) -> TokenizerRun:
     if not cfg.data.train_url:
         raise ConfigError("data.train_url: empty; point it at image shards (e.g. from data_tools.make_shapes)")
     src = resolve_source(cfg.data.train_url, "images", cfg.data.storage_options)  # fail here, not in a worker
+    if isinstance(cfg.ray.num_workers, tuple):
+        raise ConfigError(f"ray.num_workers: {list(cfg.ray.num_workers)} is elastic, which Stackformer training "
+                          "is; tokenizer training takes one number of workers")
     check_resumable(cfg.checkpoint, cfg.checkpoint.run_url(cfg.name), cfg.ray.num_workers)
     absolutize_paths(cfg)
     run_workers(worker, cfg)

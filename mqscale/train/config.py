@@ -44,7 +44,10 @@ class TrainConfig:
     grad_accum: int = setting(1, ge=1, doc="micro-batches per optimizer step")
     precision: Literal["fp32", "bf16", "fp16"] = setting("bf16", doc="fp16 is GPU-only")
     seed: int = setting(0, ge=0)
-    global_batch: int = setting(0, ge=0, doc="sequences per optimizer step; 0 = batch_size x world x grad_accum")
+    global_batch: int = setting(0, ge=0, doc="sequences per optimizer step; 0 = batch_size x world x grad_accum "
+                                "at the run's start (a resumed run keeps its checkpoint's)")
+    min_micro_batch: int = setting(0, ge=0, doc="on another number of workers, the micro-batch may shrink down "
+                                   "to this to keep the global batch; 0 = only data.batch_size")
     max_nonfinite: int = setting(3, ge=1, doc="non-finite steps in a row that stop the run")
     eval_every: int = setting(0, ge=0, doc="steps between validations; 0 = never")
     p_uncond: float = setting(0.0, ge=0.0, lt=1.0, doc="condition dropout for classifier-free guidance")

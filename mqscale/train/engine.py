@@ -56,9 +56,11 @@ def grad_accum(cfg: Config, world: int) -> int:
     return t.global_batch // (cfg.data.batch_size * world) if t.global_batch else t.grad_accum
 
 
-def ds_config(cfg: Config, world: int) -> dict:
+def ds_config(cfg: Config, world: int, plan=None, universal: bool = False) -> dict:
+    """``plan`` (an ``elastic.BatchPlan``): the micro-batch and accumulation a resumed run keeps
+    its global batch with; ``universal``: load a universal checkpoint (another world's ZeRO states)."""
     t, d = cfg.train, cfg.deepspeed
-    micro, accum = cfg.data.batch_size, grad_accum(cfg, world)
+    micro, accum = (plan.micro, plan.accum) if plan is not None else (cfg.data.batch_size, grad_accum(cfg, world))
     zero: dict[str, Any] = {"stage": d.zero_stage, "overlap_comm": d.zero_stage > 0,
                             "contiguous_gradients": d.zero_stage > 0}
     if d.offload_optimizer != "none":
@@ -80,6 +82,8 @@ def ds_config(cfg: Config, world: int) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if universal:
+        ours["checkpoint"] = {"load_universal": True}
     if d.offload_optimizer != "none":  # ZeRO-Offload needs DeepSpeed's CPU Adam; same recipe
         o = cfg.optim
         ours["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
@@ -140,13 +144,14 @@ def build_model(cfg: Config, ds: dict) -> Stackformer:
     return Stackformer(cfg.model)
 
 
-def build_engine(cfg: Config, world: int):
-    """(engine, ds_config): the Stackformer wrapped by DeepSpeed with our optimizer recipe."""
+def build_engine(cfg: Config, world: int, plan=None, universal: bool = False):
+    """(engine, ds_config): the Stackformer wrapped by DeepSpeed with our optimizer recipe
+    (``plan``, ``universal``: see ``ds_config``)."""
     deepspeed = import_deepspeed()
     # adopts the process group Ray Train (or the launcher) already made; ZeRO-3's Init needs it
     with quiet_prints():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    ds = ds_config(cfg, world)
+    ds = ds_config(cfg, world, plan, universal)
     model = build_model(cfg, ds)
     groups = param_groups(model, cfg.optim.weight_decay)
     if "optimizer" in ds:

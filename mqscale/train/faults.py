@@ -10,8 +10,15 @@ preemption, a dying upload or a NaN would meet.
 - ``MQSCALE_FAULT_SAVE=<step>:<rank>:<flag>``: that rank dies in the middle of committing the
   step-``step`` checkpoint, after its first file reached the storage and before the others.
 - ``MQSCALE_FAULT_NAN=kind:step:times[,...]``: see ``inject_nan``.
+- ``MQSCALE_FAULT_SLOW=<seconds>``: every rank sleeps that long after each optimizer step (a
+  run slow enough for a test to take a node away, and give it back, mid-run).
 - ``MQSCALE_TRACE_SAMPLES=<dir>``: every rank appends one JSON line per optimizer step to
-  ``<dir>/rank<r>.jsonl`` with the step, the process id, the time and the sample ids it trained on.
+  ``<dir>/rank<r>.jsonl`` with the step, the process id, the time, the world size, the worker
+  group (``gen``: one id per start of the group, so a step re-done after a restart or a resize
+  can be told from the attempt it replaces) and the sample ids it trained on.
+- ``MQSCALE_DUMP_OPTIMIZER=<dir>``: after each restore and save, rank 0 writes the fp32
+  masters and Adam moments of every parameter, gathered whole from all ranks, to
+  ``<dir>/<event>-step<k>-world<n>.safetensors`` (for the check that a resize keeps them).
 """
 from __future__ import annotations
 
@@ -19,9 +26,12 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 import torch
+
+from mqscale.core import dist
 
 log = logging.getLogger("mqscale.train")
 EXIT_CODE = 17
@@ -48,8 +58,11 @@ def _die_once(var: str, step: int, rank: int, what: str) -> None:
 
 
 def fault_point(step: int, rank: int) -> None:
-    """After optimizer step ``step`` (``MQSCALE_FAULT_EXIT``)."""
+    """After optimizer step ``step`` (``MQSCALE_FAULT_EXIT``, ``MQSCALE_FAULT_SLOW``)."""
     _die_once("MQSCALE_FAULT_EXIT", step, rank, "after the step")
+    slow = os.environ.get("MQSCALE_FAULT_SLOW")
+    if slow:
+        time.sleep(float(slow))
 
 
 def during_save(step: int, rank: int) -> None:
@@ -91,11 +104,14 @@ def inject_nan(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
 
 class SampleTrace:
     """The sample ids each optimizer step trained on (``MQSCALE_TRACE_SAMPLES``), for the suite's
-    exactly-once checks across kills and restarts."""
+    exactly-once checks across kills, restarts and resizes. Every rank makes one (the group id
+    is rank 0's, broadcast)."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, world: int = 1, start_step: int = 0):
         d = os.environ.get("MQSCALE_TRACE_SAMPLES")
         self.path = Path(d) / f"rank{rank}.jsonl" if d else None
+        self.world, self.start = world, start_step
+        self.gen = dist.broadcast(uuid.uuid4().hex) if d else ""
         self.ids: list[int] = []
 
     def add(self, batch: dict) -> None:
@@ -107,5 +123,51 @@ class SampleTrace:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "pid": os.getpid(), "time": time.time(), "ids": self.ids}) + "\n")
+            f.write(json.dumps({"step": step, "pid": os.getpid(), "time": time.time(), "world": self.world,
+                                "gen": self.gen, "resumed_at": self.start, "ids": self.ids}) + "\n")
         self.ids = []
+
+
+def full_optimizer_state(engine) -> dict[str, torch.Tensor]:
+    """{"<param>/fp32|exp_avg|exp_avg_sq": whole fp32 tensor} of a DeepSpeed engine, gathered
+    from every rank's partition (a collective under ZeRO 1-3: every rank calls it). ZeRO-0 keeps
+    whole copies: the optimizer's fp32 groups and their Adam state."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # heavy: workers only
+    out = {}
+    named = list(engine.module.named_parameters())
+    if engine.zero_optimization_stage() == 0:
+        opt = engine.optimizer
+        masters = {id(p): m for lows, highs in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(lows, highs)}
+        for name, p in named:
+            m = masters[id(p)]
+            state = opt.optimizer.state.get(m, {})
+            out[f"{name}/fp32"] = m.detach().float().cpu().clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    out[f"{name}/{key}"] = state[key].detach().float().cpu().clone()
+        return out
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO 1/2 link each parameter to its Adam-state fragment once, lazily, and can do it
+        # before the state exists (the links stay empty): link them again now that it does
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    for name, p in named:
+        out[f"{name}/fp32"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = safe_get_full_optimizer_state(p, key)
+            if t is not None:
+                out[f"{name}/{key}"] = t.detach().float().cpu().clone()
+    return out
+
+
+def dump_optimizer(engine, event: str, step: int, world: int, rank: int) -> None:
+    """``MQSCALE_DUMP_OPTIMIZER``: see the module doc."""
+    d = os.environ.get("MQSCALE_DUMP_OPTIMIZER")
+    if not d:
+        return
+    state = full_optimizer_state(engine)
+    if rank == 0:
+        from safetensors.torch import save_file  # the fault suite's dump only
+        Path(d).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(d) / f"{event}-step{step}-world{world}.safetensors"))

@@ -56,7 +56,7 @@ def stopped_reason(result) -> str | None:
 def train_with_ray(cfg: Config) -> TrainRun:
     """Ray Train workers (a local Ray, or the cluster); RunFailed when the workers failed."""
     url = cfg.checkpoint.run_url(cfg.name)
-    validate_run(cfg, cfg.ray.num_workers, url)
+    validate_run(cfg, cfg.ray.worlds, url)
     ours = not ray_running()  # train_on_ray starts a local Ray then
     why = stopped_reason(train_on_ray(worker, cfg))
     if why and ours:  # the workers' last log lines come out before the reason

@@ -5,12 +5,15 @@ checkpoint is committed. Each micro-batch comes from the streaming loader (fixed
 holes dropped before the forward), goes through the DeepSpeed engine (ZeRO, accumulation,
 clipping, bf16), and a loss that is not finite on any rank skips that micro-batch everywhere.
 Checkpoints carry the step, tokens seen, every rank's data position and RNG, and the resolved
-config; resume verifies them (``core/checkpoint.py``) and continues exactly. The fault suite's
-hooks (``faults.py``) sit in this path and are off unless their environment variables are set.
+config; resume verifies them (``core/checkpoint.py``) and continues exactly, on the same number
+of workers or another (``elastic.py``: the global batch kept, ZeRO states resharded, the rest of
+the epoch split over the new ranks). The fault suite's hooks (``faults.py``) sit in this path
+and are off unless their environment variables are set.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -34,8 +37,9 @@ from mqscale.models.stackformer.decode import Decoding
 from mqscale.models.stackformer.sampling import DEFAULT_GUIDANCE, default_params
 from mqscale.tokenizer.config import TOKENIZER
 from mqscale.train.config import Config
+from mqscale.train import elastic
 from mqscale.train.engine import TAG, build_engine, compiled, import_deepspeed
-from mqscale.train.faults import SampleTrace, fault_point, inject_nan
+from mqscale.train.faults import SampleTrace, dump_optimizer, fault_point, inject_nan
 from mqscale.train.metrics import Metrics, device_peak_tflops, memory_gb
 from mqscale.train.optim import lr_at, n_params
 
@@ -58,12 +62,18 @@ class Trainer:
     def __init__(self, cfg: Config, session: Session):
         self.cfg, self.session = cfg, session
         self.rank, self.world = session.rank, session.world
-        self.engine, self.ds_config = build_engine(cfg, self.world)
+        self.store = CheckpointStore(session.run_url, cfg.checkpoint.storage_options)
+        # the checkpoint to resume (any world), what it recorded, and its universal conversion
+        # when it comes from another world: all before the engine, which they shape
+        self.found = choose_resume(self.store, cfg.checkpoint, session.launch_id, None)
+        self.saved, self.conversion = elastic.prepare(self.store, self.found, cfg, self.world, TAG)
+        self.plan = elastic.plan_batch(cfg, self.world, self.saved, self.found.url if self.found else "")
+        self.engine, self.ds_config = build_engine(cfg, self.world, self.plan, universal=self.conversion is not None)
         self.model = self.engine.module
         self.device = self.engine.device
-        self.loader = StreamingLoader(cfg.data.train_url, cfg.data, self.rank, self.world,
+        data = dataclasses.replace(cfg.data, batch_size=self.plan.micro)
+        self.loader = StreamingLoader(cfg.data.train_url, data, self.rank, self.world,
                                       pin_memory=self.device.type == "cuda")
-        self.store = CheckpointStore(session.run_url, cfg.checkpoint.storage_options)
         self.step = self.tokens = self.nonfinite_streak = self.nonfinite_total = self.overflow_total = 0
         # the one setup in which DeepSpeed applies a non-finite gradient: the loop checks it itself
         self.unguarded = cfg.train.precision == "fp32" and cfg.deepspeed.zero_stage == 0
@@ -76,7 +86,6 @@ class Trainer:
             self.tokenizer, _ = TOKENIZER.load(cfg.logging.tokenizer, self.device)
         if cfg.logging.judge and self.rank == 0:   # checked before the workers started (validate.check_judge)
             self.judge = load_judge(cfg.logging.judge, self.device, min_accuracy=cfg.logging.judge_min_accuracy)
-        self.trace = SampleTrace(self.rank)
         # a compiled step whose shapes change is recompiled each time: warned, and stopped when a storm
         # (two warm-up micro-steps: under ZeRO-3 the second compiles once more, as DeepSpeed's hooks settle)
         self.watch = CompileWatch("the compiled training step", limit=8, warmup=2) if compiled(self.engine) else None
@@ -85,30 +94,61 @@ class Trainer:
         self.decoding = Decoding("off" if cfg.deepspeed.zero_stage == 3 else cfg.logging.sample_compile,
                                  freeze=False, say=log.info)
         self.restored_from = self._restore()
+        self.trace = SampleTrace(self.rank, self.world, self.step)
+        if self.rank == 0:   # every start of a worker group: a resize shows as a change
+            self.tb.scalars(self.step, {"scaling/world_size": float(self.world),
+                                        "scaling/grad_accum": float(self.plan.accum),
+                                        "scaling/micro_batch": float(self.plan.micro)})
 
     # ------------------------------------------------------------------ checkpoints
 
     def _restore(self) -> str | None:
-        """Every rank loads the checkpoint rank 0 chose (``choose_resume``), its own ZeRO shards."""
-        found = choose_resume(self.store, self.cfg.checkpoint, self.session.launch_id, self.world)
+        """Every rank loads the checkpoint rank 0 chose (``choose_resume``): its own ZeRO shards
+        when the world is the checkpoint's, the universal conversion (or, under ZeRO-0, the
+        whole checkpoint) when it is another; then its data position and RNG."""
+        found = self.found
         if found is None:
             return None
+        source = self.conversion or found
         with scratch_dir("mqscale-restore-") as d:
-            self.store.download(found, d, rank=self.rank)
+            self.store.download(source, d, rank=None if self.conversion else self.rank)
             try:
                 path, client = self.engine.load_checkpoint(str(d), tag=TAG, load_lr_scheduler_states=False)
             except (AssertionError, OSError, KeyError, ValueError, RuntimeError) as e:
                 why = f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} in DeepSpeed's loader"
-                raise CheckpointError(f"{found.url}: DeepSpeed could not load it ({why})") from e
+                raise CheckpointError(f"{source.url}: DeepSpeed could not load it ({why})") from e
             if path is None or client is None:
-                raise CheckpointError(f"{found.url}: DeepSpeed loaded nothing from it (returned None)")
+                raise CheckpointError(f"{source.url}: DeepSpeed loaded nothing from it (returned None)")
         self.step, self.tokens = int(client["step"]), int(client["tokens"])
-        self.loader.load_state_dict(client["loader"][self.rank])
-        rng = client["rng"][self.rank]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        states = client["loader"]
+        mine = states[self.rank] if self.rank < len(states) else None
+        same = mine is not None and len(states) == self.world and all(
+            mine.get(k) == v for k, v in self.loader.state_dict().items() if k in ("world", "workers", "batch_size"))
+        if same:
+            self.loader.load_state_dict(mine)
+        else:  # another world, micro-batch or loader workers: this rank's share of the epoch's rest
+            try:
+                self.loader.adopt(states)
+            except ValueError as e:
+                raise CheckpointError(f"{found.url}: its data positions cannot be continued ({e})") from None
+        if len(states) == self.world:
+            rng = client["rng"][self.rank]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        else:
+            elastic.seed_rank(self.saved, self.rank, self.world)
         log.info("rank %d resumed from %s at step %d", self.rank, found.url, self.step)
+        if self.rank == 0 and len(states) != self.world:
+            before = self.saved
+            left = (f"{self.loader.carry.rows} samples of epoch {self.loader.epoch} left" if self.loader.carry
+                    else f"epoch {self.loader.epoch} from its start")
+            log.info("resized: %d -> %d workers at step %d, global batch %d kept (micro-batch x workers x "
+                     "accumulation: %d x %d x %d -> %s); %s; %s", before["world"], self.world, self.step,
+                     self.plan.global_batch, before["micro_batch"], before["world"], before["grad_accum"],
+                     f"{self.plan.micro} x {self.world} x {self.plan.accum}", left,
+                     f"ZeRO states from {self.conversion.url}" if self.conversion else "ZeRO-0: whole copies")
+        dump_optimizer(self.engine, "restored", self.step, self.world, self.rank)
         return found.url
 
     def save(self, metrics: dict) -> None:
@@ -117,9 +157,14 @@ class Trainer:
                       "loader": dist.gather(self.loader.state_dict()), "rng": dist.gather(rng_state()),
                       "config": without_credentials(self.cfg)}
             self.engine.save_checkpoint(str(staging), tag=TAG, client_state=client)
-            if self.rank == 0:  # the checkpoint describes itself: export needs nothing else
+            if self.rank == 0:  # the checkpoint describes itself: export and a resize need nothing else
                 (staging / RUN_CONFIG).write_text(json.dumps(without_credentials(self.cfg), indent=1))
+                record = elastic.resize_record(self.cfg, self.plan, self.step, client["loader"], client["rng"][0])
+                (staging / elastic.RESIZE).write_text(json.dumps(record, indent=1))
             commit_checkpoint(self.session, self.store, staging, self.step, metrics, {"name": self.cfg.name})
+            if self.rank == 0:
+                elastic.prune_conversions(self.store, self.cfg.checkpoint.keep_last)
+        dump_optimizer(self.engine, "saved", self.step, self.world, self.rank)
         self.tb.sync()
 
     # ------------------------------------------------------------------ the loop

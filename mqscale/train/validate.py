@@ -1,40 +1,41 @@
 """Checks a Stackformer run before any worker starts: each failure is one ConfigError line.
 
-Nothing here changes the config: what follows from it (the accumulation a global batch implies)
-is computed where it is used (``engine.grad_accum``).
+Nothing here changes the config: what follows from it (the micro-batch and accumulation that
+keep the global batch on each world size) is computed where it is used (``elastic.plan_batch``).
+An elastic run (``ray.num_workers: [min, max]``) is checked for every world it may get.
 """
 from __future__ import annotations
 
+import logging
 import posixpath
+from typing import Iterable
 
 import torch
 
 from mqscale.core import storage
-from mqscale.core.checkpoint import check_resumable
+from mqscale.core.checkpoint import CheckpointStore, resume_candidate
 from mqscale.core.config import from_dict
-from mqscale.core.errors import ArtifactError, ConfigError, InputError, ManifestError
+from mqscale.core.errors import ArtifactError, CheckpointError, ConfigError, InputError, ManifestError
 from mqscale.data.loader import Source, resolve_source
 from mqscale.data.manifest import read_manifest
 from mqscale.judge.metrics import load_judge
 from mqscale.tokenizer.config import TOKENIZER
 from mqscale.train.config import Config
+from mqscale.train.elastic import conversion_state, not_movable, plan_batch, read_resize
 from mqscale.train.engine import ds_config
 
+log = logging.getLogger("mqscale.train")
 
-def validate_run(cfg: Config, world: int, run_url: str | None = None) -> Source:
+
+def validate_run(cfg: Config, worlds: int | Iterable[int], run_url: str | None = None) -> Source:
+    """``worlds``: the number of workers, or every number an elastic run may get."""
+    worlds = [worlds] if isinstance(worlds, int) else list(worlds)
     t, d, m = cfg.train, cfg.data, cfg.model
-    per_micro = d.batch_size * world
-    if t.global_batch:
-        if t.global_batch % per_micro:
-            raise ConfigError(f"train.global_batch: {t.global_batch} is not divisible by data.batch_size x world "
-                              f"= {d.batch_size} x {world} = {per_micro}")
-        accum = t.global_batch // per_micro
-        if t.grad_accum not in (1, accum):
-            raise ConfigError(f"train.grad_accum: {t.grad_accum} contradicts train.global_batch={t.global_batch} "
-                              f"(which implies {accum})")
+    for world in worlds:          # a fresh run's batch on each world (a resumed one: check_resume)
+        plan = plan_batch(cfg, world)
+        ds_config(cfg, world, plan)            # an expert DeepSpeed JSON that conflicts fails here
     if t.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision: fp16 needs GPUs; use bf16 on CPU")
-    ds_config(cfg, world)                      # an expert DeepSpeed JSON that conflicts fails here
     if not d.train_url:
         raise ConfigError("data.train_url: empty; point it at token shards (python -m mqscale.tokenize)")
     try:
@@ -73,7 +74,7 @@ def validate_run(cfg: Config, world: int, run_url: str | None = None) -> Source:
         check_tokenizer_fits(cfg, tok)
     if cfg.logging.judge:
         check_judge(cfg, resolution=tok["config"]["model"]["resolution"] if cfg.logging.tokenizer else None)
-    check_resumable(cfg.checkpoint, run_url, world)
+    check_resume(cfg, run_url, worlds)
     return src
 
 
@@ -98,6 +99,31 @@ def check_judge(cfg: Config, resolution: int | None) -> None:
     if len(judge.record.classes) != cfg.model.n_classes:
         raise ConfigError(f"{where}: judges {len(judge.record.classes)} classes, the model has "
                           f"model.n_classes={cfg.model.n_classes}")
+
+
+def check_resume(cfg: Config, run_url: str | None, worlds: list[int]) -> None:
+    """The checkpoint a launch would resume (markers and ``resize.json`` only) continues on each
+    of ``worlds``: the same world always; another only from a checkpoint that records its data
+    positions, with a batch plan that keeps its global batch, and not from NVMe offload."""
+    ckpt, what = resume_candidate(cfg.checkpoint, run_url)
+    if ckpt is None:
+        return
+    try:
+        saved = read_resize(ckpt, cfg.checkpoint.storage_options)
+    except CheckpointError as e:
+        raise ConfigError(f"{what}: {e}") from None
+    moving = [w for w in worlds if w != ckpt.world]
+    if moving and saved is None:
+        raise ConfigError(f"{what}: {not_movable(ckpt, moving[0])}")
+    if moving and "nvme" in (cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_param):
+        raise ConfigError(f"{what}: {ckpt.url} was saved by {ckpt.world} workers; NVMe-offloaded optimizer "
+                          f"states cannot continue on {moving[0]}: relaunch with {ckpt.world} workers")
+    for world in worlds:
+        plan_batch(cfg, world, saved, f"{what}: {ckpt.url}")
+    if moving and cfg.deepspeed.zero_stage > 0 and run_url:
+        why = conversion_state(CheckpointStore(run_url, cfg.checkpoint.storage_options), ckpt)
+        if why:
+            log.warning("universal conversion %s: ignored, it is made again", why)
 
 
 def missing_shards(src: Source, storage_options: dict) -> list[str]:

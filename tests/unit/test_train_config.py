@@ -108,17 +108,59 @@ def test_sample_tokenizer_must_fit_the_model(tokens, tmp_path):
         validate_run(cfg_of(f"data.train_url={tokens}", f"logging.tokenizer={tmp_path / 'not-a-tokenizer'}"), 1)
 
 
-def test_resume_from_must_be_a_checkpoint_of_as_many_workers(tokens, tmp_path):
+def test_resume_checks_before_any_worker(tokens, tmp_path):
+    """What a relaunch would resume must be a checkpoint; one from before resize records stays on
+    its world (refused with the reason, never restarted); a newer one continues on a world that
+    keeps its global batch, and one that cannot is one line naming both sizes and what fits."""
     with pytest.raises(ConfigError, match="checkpoint.resume_from: .*nowhere: no mqscale_complete.json"):
-        validate_run(cfg_of(f"data.train_url={tokens}", f"checkpoint.resume_from={tmp_path / 'nowhere'}"), 1)
-    ckpt = make_checkpoint(tmp_path / "old", 4, world=2)
-    with pytest.raises(ConfigError, match="was saved by 2 workers, this run has 1"):
-        validate_run(cfg_of(f"data.train_url={tokens}", f"checkpoint.resume_from={ckpt}"), 1)
-    validate_run(cfg_of(f"data.train_url={tokens}", f"checkpoint.resume_from={ckpt}"), 2)
+        validate_run(cfg_of("data.batch_size=8", f"data.train_url={tokens}", f"checkpoint.resume_from={tmp_path / 'nowhere'}"), 1)
+    old = make_checkpoint(tmp_path / "old", 4, world=2)
+    with pytest.raises(ConfigError, match=r"checkpoint.resume_from: .*checkpoint_000000004 was saved by 2 workers "
+                                          r"before checkpoints recorded every rank's data position \(resize.json\): "
+                                          "it cannot continue on 1 worker with each sample trained on exactly once; "
+                                          "relaunch with 2 workers"):
+        validate_run(cfg_of("data.batch_size=8", f"data.train_url={tokens}", f"checkpoint.resume_from={old}"), 1)
+    validate_run(cfg_of("data.batch_size=8", f"data.train_url={tokens}", f"checkpoint.resume_from={old}"), 2)
     # a run with checkpoints of its own never reads its seed again: a seed deleted since is no error
     run = tmp_path / "runs" / "stackformer-demo"
     make_checkpoint(run, 8, world=1)
-    cfg = cfg_of(f"data.train_url={tokens}", f"checkpoint.resume_from={tmp_path / 'deleted-seed'}")
+    cfg = cfg_of("data.batch_size=8", f"data.train_url={tokens}", f"checkpoint.resume_from={tmp_path / 'deleted-seed'}")
     validate_run(cfg, 1, str(run))
-    with pytest.raises(ConfigError, match="saved by 1 workers, this run has 2: resharding"):
-        validate_run(cfg, 2, str(run))
+    with pytest.raises(ConfigError, match="^checkpoint: .*saved by 1 workers before checkpoints recorded"):
+        validate_run(cfg, [1, 2], str(run))               # an elastic range that may leave its world
+    # since resize records: a 2-worker checkpoint of global batch 16 (8 x 2 x 1)
+    new = make_checkpoint(tmp_path / "new", 6, world=2, global_batch=16)
+    seeded = cfg_of("data.batch_size=8", f"data.train_url={tokens}", f"checkpoint.resume_from={new}")
+    validate_run(seeded, [1, 2])                           # 8 x 1 x 2 and 8 x 2 x 1
+    with pytest.raises(ConfigError, match=r"^checkpoint.resume_from: .*checkpoint_000000006 was saved by 2 workers "
+                                          r"with global batch 16, which 3 workers cannot keep \(data.batch_size 8 x 3 "
+                                          r"workers x any train.grad_accum; micro-batches down to 8\): worlds that "
+                                          r"keep it: 1, 2; or let the micro-batch shrink: train.min_micro_batch$"):
+        validate_run(seeded, 3)
+    with pytest.raises(ConfigError, match="which 3 workers cannot keep"):      # the first of the range that cannot
+        validate_run(seeded, range(1, 5))
+    shrink = cfg_of("data.batch_size=8", f"data.train_url={tokens}", f"checkpoint.resume_from={new}", "train.min_micro_batch=2")
+    validate_run(shrink, 4)                                # 4 x 4 x 1
+    with pytest.raises(ConfigError, match="worlds that keep it: 1, 2, 4, 8$"):
+        validate_run(shrink, 3)
+
+
+def test_batch_plans_keep_the_global_batch():
+    from mqscale.train.elastic import plan_batch
+    saved = {"world": 2, "global_batch": 32, "micro_batch": 8, "grad_accum": 2}
+    assert str(plan_batch(cfg_of("data.batch_size=8"), 1, saved)) == "32 = 8 x 1 x 4"
+    assert str(plan_batch(cfg_of("data.batch_size=8"), 4, saved)) == "32 = 8 x 4 x 1"
+    assert str(plan_batch(cfg_of("data.batch_size=8", "train.min_micro_batch=1"), 8, saved)) == "32 = 4 x 8 x 1"
+    assert str(plan_batch(cfg_of("data.batch_size=8", "train.global_batch=64"), 2, saved)) == "64 = 8 x 2 x 4"   # asked for: changes
+    assert str(plan_batch(cfg_of("data.batch_size=8", "train.grad_accum=3"), 2)) == "48 = 8 x 2 x 3"              # a fresh run: the config's
+    with pytest.raises(ConfigError, match="train.global_batch: 16 is not divisible by data.batch_size x world = "
+                                          r"8 x 3 = 24 \(worlds that keep it: 1, 2\)"):
+        plan_batch(cfg_of("data.batch_size=8", "train.global_batch=16"), 3)
+
+
+    # an elastic run's fresh batch counts its most workers, whichever number Ray starts it with
+    elastic = cfg_of("data.batch_size=8", "ray.num_workers=[1, 2]")
+    assert [str(plan_batch(elastic, w)) for w in (1, 2)] == ["16 = 8 x 1 x 2", "16 = 8 x 2 x 1"]
+    with pytest.raises(ConfigError, match=r"ray.num_workers: \[1, 3\]: the global batch .*: 24 is not divisible by "
+                                          r"data.batch_size x world = 8 x 2 = 16"):
+        plan_batch(cfg_of("data.batch_size=8", "ray.num_workers=[1, 3]"), 2)
