@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from data_tools.make_shapes import write_shapes
 from mqscale.tokenizer.config import TOKENIZER
+from mqscale.train.verify import verify_url
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +37,8 @@ def test_two_workers_train_checkpoint_and_resume(tmp_path):
     write_shapes(str(tmp_path / "shapes"), 17, resolution=32, shard_size=16, progress=False)
     first = run(tmp_path, 4)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "world_rank=1" in first.stdout + first.stderr
     ckpt = re.search(r"tokenizer checkpoint: (\S+)", first.stdout).group(1)
+    assert [r["world"] for r in verify_url(str(Path(ckpt).parent))] == [2, 2]   # both saves by 2 workers
     tok, cfg = TOKENIZER.load(ckpt)
     assert cfg.model.resolution == 32
     second = run(tmp_path, 6)
