@@ -418,7 +418,7 @@ def test_an_old_tokenizer_checkpoint_still_loads_as_a_tokenizer(shapes, tmp_path
     del old["checkpoint"]["resume_from"]
     (d / "config.json").write_text(json.dumps(meta))
     tok, loaded = TOKENIZER.load(d)
-    assert (loaded.logging.log_every, loaded.logging.image_every) == (50, 100)
+    assert (loaded.logging.log_every, loaded.logging.image_every) == (c.logging.log_every, c.logging.image_every)
     summary = tokenize_run(Options(tokenizer=str(d), input=shapes, output=str(tmp_path / "tokens")), workers=0,
                            progress=False)
     assert summary.sequences_out == 96
