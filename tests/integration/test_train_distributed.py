@@ -69,7 +69,7 @@ def test_zero2_two_workers_learn_log_checkpoint_export_and_continue(demo_data, t
             f"m, c = STACKFORMER.load('{tmp_path / 'exp'}'); codes, pos = sample(m, torch.arange(4));"
             "assert (pos.diff(dim=1) > 0).all(); print('sampled', tuple(codes.shape))")
     s = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert s.returncode == 0 and "sampled (4, 16)" in s.stdout, s.stderr
+    assert s.returncode == 0 and "sampled (4, 32)" in s.stdout, s.stderr
     # relaunch with more steps continues from step 12; the third save leaves the last two (keep_last=2)
     again = train(demo_data, tmp_path, "train.max_steps=14", "checkpoint.every_steps=6", "checkpoint.keep_last=2")
     out = again.stdout + again.stderr
