@@ -288,19 +288,11 @@ def choose_resume(store: CheckpointStore, cfg: CheckpointConfig, launch_id: str,
     The run's own newest verified checkpoint comes first: a worker restarted after a failure, or
     a relaunch, continues where this run got to (``resume: never``: only this launch's own, so a
     restart still resumes). ``resume_from`` only seeds a run that has none yet."""
-    found = failure = None
-    if dist.rank() == 0:
-        try:
-            found = store.latest_valid(launch=None if cfg.resume == "auto" else launch_id)
-            if found is None and cfg.resume_from:
-                found = store.open_url(cfg.resume_from)
-            if found is not None:
-                check_world(found, world)
-        except Exception as e:  # the other ranks must not wait for a choice that never comes
-            failure = e
-    found, why = dist.broadcast((found, None if failure is None else f"{type(failure).__name__}: {failure}"))
-    if failure is not None:
-        raise failure
-    if why is not None:
-        raise CheckpointError(f"rank 0 could not choose a checkpoint to resume from ({why})")
-    return found
+    def decide() -> Checkpoint | None:
+        found = store.latest_valid(launch=None if cfg.resume == "auto" else launch_id)
+        if found is None and cfg.resume_from:
+            found = store.open_url(cfg.resume_from)
+        if found is not None:
+            check_world(found, world)
+        return found
+    return dist.decided_on_rank0(decide, CheckpointError, "choose a checkpoint to resume from")

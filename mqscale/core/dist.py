@@ -43,6 +43,24 @@ def broadcast(obj):
     return box[0]
 
 
+def decided_on_rank0(decide, error: type[Exception], what: str):
+    """``decide()`` run on rank 0 alone and its answer broadcast, so every rank acts on the same
+    one. An exception there is raised on every rank: rank 0's own, the others an ``error`` saying
+    rank 0 could not ``what`` (they must not wait for an answer that never comes)."""
+    answer = failure = None
+    if rank() == 0:
+        try:
+            answer = decide()
+        except Exception as e:
+            failure = e
+    answer, why = broadcast((answer, None if failure is None else f"{type(failure).__name__}: {failure}"))
+    if failure is not None:
+        raise failure
+    if why is not None:
+        raise error(f"rank 0 could not {what} ({why})")
+    return answer
+
+
 def barrier() -> None:
     if initialized():
         dist.barrier()

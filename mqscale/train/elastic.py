@@ -316,22 +316,15 @@ def prepare(store: CheckpointStore, ckpt: Checkpoint | None, cfg: Config, world:
             ) -> tuple[dict | None, Checkpoint | None]:
     """(the checkpoint's resize record, the universal conversion to load instead of it): rank 0
     reads and converts, every rank gets the same answer (or the same error)."""
-    out = failure = None
-    if dist.rank() == 0 and ckpt is not None:
-        try:
-            saved = read_resize(ckpt, store.storage_options)
-            conv = None
-            if ckpt.world != world:
-                if saved is None:
-                    raise CheckpointError(not_movable(ckpt, world))
-                if cfg.deepspeed.zero_stage > 0:
-                    conv = universal(store, ckpt, tag)
-            out = (saved, conv)
-        except Exception as e:  # the other ranks must not wait for an answer that never comes
-            failure = e
-    out, why = dist.broadcast((out, None if failure is None else f"{type(failure).__name__}: {failure}"))
-    if failure is not None:
-        raise failure
-    if why is not None:
-        raise CheckpointError(f"rank 0 could not prepare the resume from {ckpt.url} ({why})")
-    return out if out is not None else (None, None)
+    if ckpt is None:
+        return None, None
+
+    def decide() -> tuple[dict | None, Checkpoint | None]:
+        saved, conv = read_resize(ckpt, store.storage_options), None
+        if ckpt.world != world:
+            if saved is None:
+                raise CheckpointError(not_movable(ckpt, world))
+            if cfg.deepspeed.zero_stage > 0:
+                conv = universal(store, ckpt, tag)
+        return saved, conv
+    return dist.decided_on_rank0(decide, CheckpointError, f"prepare the resume from {ckpt.url}")
